@@ -34,7 +34,7 @@ import torch
 
 from .errors import PlotError
 
-__all__ = ["SoftInterchangeIntervention", "SoftSpanInterchangeIntervention"]
+__all__ = ["SoftInterchangeIntervention", "SoftSpanInterchangeIntervention", "intervention_position"]
 
 
 def _coefficients(
@@ -61,6 +61,23 @@ def _coefficients(
     return mask * coef
 
 
+_NO_POSITION = -(2**31)
+
+
+def _register_position(iv: torch.nn.Module, position: int | None) -> None:
+    """Store the site's token position as a buffer so a saved handle knows where it acts."""
+    iv.register_buffer("position", torch.tensor(_NO_POSITION if position is None else int(position), dtype=torch.long))
+
+
+def intervention_position(iv: torch.nn.Module) -> int | None:
+    """The token position stored on a PLOT intervention (None when unset)."""
+    p = getattr(iv, "position", None)
+    if p is None:
+        return None
+    p = int(p)
+    return None if p == _NO_POSITION else p
+
+
 def _broadcast_rows(coef: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """Make a (B, w) coefficient broadcast against base of shape (B, ..., w)."""
     if coef.dim() == 2:
@@ -80,6 +97,9 @@ class SoftInterchangeIntervention(pv.TrainableIntervention, pv.LocalistRepresent
         Per-coordinate weights ``w``; default all ones.
     strength : float, default 1.0
         The scalar ``λ``.
+    position : int, optional
+        Token position of the site (stored so that saved handles know where they act; see
+        :func:`pyvene_plot.run_intervenable`).
 
     Notes
     -----
@@ -90,7 +110,9 @@ class SoftInterchangeIntervention(pv.TrainableIntervention, pv.LocalistRepresent
     def __init__(self, **kwargs: Any) -> None:
         weight = kwargs.pop("weight", None)
         strength = kwargs.pop("strength", 1.0)
+        position = kwargs.pop("position", None)
         super().__init__(**kwargs)
+        _register_position(self, position)
         if self.embed_dim is None:
             if weight is None:
                 raise PlotError(
@@ -138,7 +160,9 @@ class SoftSpanInterchangeIntervention(pv.TrainableIntervention, pv.DistributedRe
         basis = kwargs.pop("basis", None)
         weight = kwargs.pop("weight", None)
         strength = kwargs.pop("strength", 1.0)
+        position = kwargs.pop("position", None)
         super().__init__(**kwargs)
+        _register_position(self, position)
         self.keep_last_dim = True  # the basis acts on the last dimension; never flatten positions
         if basis is not None:
             basis = torch.as_tensor(basis, dtype=torch.float32)

@@ -14,7 +14,7 @@ import torch
 
 from .errors import ModelError, PlotError
 
-__all__ = ["Readout", "raw_logits"]
+__all__ = ["Readout", "BitsReadout", "raw_logits"]
 
 
 def raw_logits(output: Any) -> torch.Tensor:
@@ -114,3 +114,40 @@ class Readout:
             return klass.from_dict({**d, "kind": kind})
         lt = d.get("label_tokens")
         return cls(position=d.get("position", "last"), label_tokens=tuple(lt) if lt is not None else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BitsReadout(Readout):
+    """Joint class over binary outputs read at several steps of a sequence model.
+
+    The model emits logits ``(B, T, V)``; at step ``steps[i]`` columns ``columns`` hold the
+    logits of bit ``i`` being 0 or 1. The readout returns ``(B, 2**n)`` joint log-probabilities,
+    class ``c`` meaning bits ``(c >> i) & 1``; its argmax is the per-bit argmax, so IIA on these
+    labels is exact match of every bit.
+    """
+
+    steps: tuple[int, ...] = (0,)
+    columns: tuple[int, int] = (0, 1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
+        if not self.steps or len(self.steps) > 16:
+            raise PlotError(f"BitsReadout needs 1..16 steps, got {self.steps}")
+
+    def __call__(self, output: Any, model_inputs: Any = None) -> torch.Tensor:
+        logits = raw_logits(output)
+        if logits.dim() != 3:
+            raise ModelError(f"BitsReadout expects (B, T, V) logits, got {tuple(logits.shape)}")
+        lp = torch.log_softmax(logits[:, list(self.steps)][..., list(self.columns)].float(), -1)  # (B, n, 2)
+        n = len(self.steps)
+        codes = torch.arange(2**n, device=logits.device)
+        bits = (codes.unsqueeze(1) >> torch.arange(n, device=logits.device)) & 1  # (2^n, n)
+        return lp[:, torch.arange(n, device=logits.device).unsqueeze(0), bits].sum(-1)  # (B, 2^n)
+
+    def to_dict(self) -> dict:
+        return {"kind": "BitsReadout", "steps": list(self.steps), "columns": list(self.columns)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "BitsReadout":
+        return cls(steps=tuple(d["steps"]), columns=tuple(d.get("columns", (0, 1))))

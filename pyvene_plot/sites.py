@@ -194,9 +194,23 @@ class ModelSpec:
         return int(d)
 
 
+def _gru_guard(mtype: type) -> None:
+    try:
+        from pyvene.models.gru.modelings_gru import GRUForClassification, GRULMHeadModel, GRUModel
+    except ImportError:  # pragma: no cover
+        return
+    if mtype in (GRUModel, GRUForClassification, GRULMHeadModel):
+        raise ModelError(
+            f"pyvene 0.1.8 cannot intervene on single timesteps of {mtype.__name__} (its unit='t' path "
+            "crashes for batches > 1 and zeroes unselected steps); convert the model with "
+            "pyvene_plot.steppable_gru(model), which keeps the weights and exposes one site per timestep"
+        )
+
+
 def model_spec(model: torch.nn.Module) -> ModelSpec:
     """Inspect a model; raise :class:`ModelError` if pyvene cannot hook it."""
     mtype = type(model)
+    _gru_guard(mtype)
     if mtype not in pv.type_to_module_mapping or mtype not in pv.type_to_dimension_mapping:
         raise ModelError(
             f"pyvene cannot hook models of type {mtype.__name__}: it is not in pyvene's model cards "
@@ -206,8 +220,8 @@ def model_spec(model: torch.nn.Module) -> ModelSpec:
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise ModelError(f"{mtype.__name__} has no .config; pyvene needs a transformers-style config")
-    n_layers = None
-    for attr in ("n_layer", "num_hidden_layers", "n_layers", "num_layers"):
+    n_layers = getattr(model, "plot_num_layers", None)
+    for attr in ([] if n_layers is not None else  ["n_layer", "num_hidden_layers", "n_layers", "num_layers"]):
         if getattr(cfg, attr, None) is not None:
             n_layers = int(getattr(cfg, attr))
             break

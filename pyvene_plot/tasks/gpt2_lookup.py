@@ -20,19 +20,32 @@ from the base's, i.e. on about 80% of random pairs (the bank builder reserves a 
 
 Where the variables live (verification, not computed at load time)
 ------------------------------------------------------------------
-Measured on the seed-0 model (2 layers, d=64, 4 heads) with ``block_output`` interchanges on
-600 random pairs (positions 0..6 = x0..x4, @p1, @p2)::
+Measured with a standalone script (``block_output`` = residual stream after each block; the
+1000-pair test bank; positions 0..6 = x0..x4, @p1, @p2). Full-vector interchange IIA, seed 0::
 
-    full-vector interchange IIA, V1            full-vector interchange IIA, V2
-             pos: 0    1    2    3    4    5    6          0    1    2    3    4    5    6
-    layer 0   .21  .21  .21  .21  .21 1.00  .22     layer 0   .19  .19  .19  .19  .19  .22 1.00
-    layer 1   .21  .21  .21  .21  .21  .21  .19     layer 1   .19  .19  .19  .19  .19  .19  .21
+    V1            pos: 0     1     2     3     4     5     6
+        layer 0      .131  .131  .131  .131  .131 1.000  .180
+        layer 1      .131  .131  .131  .131  .131  .131  .128
+    V2            pos: 0     1     2     3     4     5     6
+        layer 0      .128  .128  .128  .128  .128  .180 1.000
+        layer 1      .128  .128  .128  .128  .128  .128  .131
 
-(chance, i.e. "output unchanged" = base label, is ~0.2.) The first layer's attention performs
-the lookup at each pointer's own position (the same head serves both pointers); the second layer
-copies ``V1`` from position 5 to the last position and its MLP adds. So ``V1`` lives at
-``L0@5`` and ``V2`` at ``L0@6`` (block output, residual stream); the final layer's block output
-only carries the sum. See ``GPT2_LOOKUP_VERIFICATION`` for the DAS numbers.
+The floor (.13) is the share of pairs whose counterfactual label equals the base label (the
+interchange at that site has no effect on the answer); seeds 1 and 2 give the same picture
+(floors .11-.14, 1.000 at the same sites). The first layer's attention does the lookup at each
+pointer's own position (one head serves both pointers); the second layer copies ``V1`` from
+position 5 to the last position and its MLP adds, so the last layer's block output carries only
+the sum. ``V1`` lives at ``L0@5`` and ``V2`` at ``L0@6``. DAS (``LowRankRotatedSpaceIntervention``,
+rank 4, 5 epochs on the fit bank, Adam lr 1e-2, batch 50) at every one of the 14 sites, test IIA
+at the best site (best other site in brackets)::
+
+    seed 0:  V1 L0@5 0.982 (0.171)   V2 L0@6 1.000 (0.146)
+    seed 1:  V1 L0@5 1.000 (0.169)   V2 L0@6 1.000 (0.165)
+    seed 2:  V1 L0@5 0.999 (0.172)   V2 L0@6 1.000 (0.162)
+
+Note for progressive schedules: ``V1`` never sits at the last token as a separate variable, so a
+``layer`` stage restricted to the last token cannot see it; it is found by the ``position`` stage
+inside layer 0.
 """
 
 from __future__ import annotations
@@ -76,18 +89,20 @@ VOCAB = (
 )
 SLOT_VARS = [f"X{i}" for i in range(N_SLOTS)]
 
-# Measured by a standalone verification script (seeds 0-2, 2 CPU threads); kept as a constant so
-# that loading the task does not recompute it. DAS: LowRankRotatedSpaceIntervention (rank 4) at
-# one block_output site, trained 5 epochs on the 1000-pair fit bank, IIA on the 1000-pair test bank.
+# Measured by a standalone verification script (seeds 0-2; see the module docstring); kept as a
+# constant so that loading the task does not recompute it. DAS: LowRankRotatedSpaceIntervention
+# (rank 4) at one block_output site, 5 epochs on the 1000-pair fit bank, IIA on the test bank.
 GPT2_LOOKUP_VERIFICATION: dict[str, Any] = {
     "best_site": {"V1": "L0.block_output@5", "V2": "L0.block_output@6"},
     "full_swap_iia_seed0": {
-        "V1": {"L0": [0.207, 0.207, 0.207, 0.207, 0.207, 1.0, 0.22],
-               "L1": [0.207, 0.207, 0.207, 0.207, 0.207, 0.207, 0.185]},
-        "V2": {"L0": [0.185, 0.185, 0.185, 0.185, 0.185, 0.22, 1.0],
-               "L1": [0.185, 0.185, 0.185, 0.185, 0.185, 0.185, 0.207]},
+        "V1": {"L0": [0.131, 0.131, 0.131, 0.131, 0.131, 1.0, 0.18],
+               "L1": [0.131, 0.131, 0.131, 0.131, 0.131, 0.131, 0.128]},
+        "V2": {"L0": [0.128, 0.128, 0.128, 0.128, 0.128, 0.18, 1.0],
+               "L1": [0.128, 0.128, 0.128, 0.128, 0.128, 0.128, 0.131]},
     },
-    "das_iia": None,  # filled in below once measured
+    "full_swap_iia_best_site": {"V1": [1.0, 1.0, 1.0], "V2": [1.0, 1.0, 1.0]},  # seeds 0, 1, 2
+    "das_rank4_iia_best_site": {"V1": [0.982, 1.0, 0.999], "V2": [1.0, 1.0, 1.0]},  # seeds 0, 1, 2
+    "das_rank4_iia_best_other_site": {"V1": [0.171, 0.169, 0.172], "V2": [0.146, 0.165, 0.162]},
 }
 
 
@@ -199,7 +214,8 @@ def train_model(seed: int = 0, steps: int = 400, batch_size: int = 256, lr: floa
         t0 = time.perf_counter()
         for _ in range(steps):
             idx = torch.randint(0, len(pool), (batch_size,), generator=gen)
-            logits = model(input_ids=pool[idx]).logits[:, -1]
+            ids = pool[idx]
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
             loss = torch.nn.functional.cross_entropy(logits, pool_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,7 +230,7 @@ def train_model(seed: int = 0, steps: int = 400, batch_size: int = 256, lr: floa
         "train_threads": torch.get_num_threads(),
         "train_steps": steps,
         "batch_size": batch_size,
-        "final_train_loss": round(float(loss), 5),
+        "final_train_loss": round(float(loss.detach()), 5),
         "heldout_accuracy": accuracy(model, held),
         "n_heldout": int(n_held),
     }

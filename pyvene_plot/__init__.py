@@ -1,0 +1,77 @@
+"""pyvene_plot: PLOT (Progressive Localization via Optimal Transport) for pyvene.
+
+Localise the variables of a high-level causal model inside a network with optimal transport, and
+get ordinary pyvene interventions back. See ``README.md`` and :mod:`pyvene_plot.search` for the method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a banner on import
+    import pyvene  # noqa: F401
+
+from . import tasks
+from .banks import PairBank
+from .engine import InterchangeEngine
+from .errors import BankError, ModelError, PlotError, SignatureError, SiteError, TransportError
+from .handles import Handle, run_intervenable, unit_locations_for
+from .interventions import SoftInterchangeIntervention, SoftSpanInterchangeIntervention
+from .models import StepGRUForClassification, StepGRULMHeadModel, StepGRUModel, steppable_gru
+from .readout import BitsReadout, Readout
+from .results import AlignmentResult
+from .schedule import Stage
+from .search import OTAlignmentSearcher
+from .signatures import SiteEffects, collect_site_effects
+from .sites import Site, coordinate_sites, layer_sites, model_spec, neuron_sites, register_model
+from .transport import TransportPlan, solve_transport
+from .utils import seed_everything
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("pyvene-plot")
+except Exception:  # pragma: no cover
+    __version__ = "0.0.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "AlignmentResult",
+    "BankError",
+    "BitsReadout",
+    "Handle",
+    "InterchangeEngine",
+    "ModelError",
+    "OTAlignmentSearcher",
+    "PairBank",
+    "PlotError",
+    "Readout",
+    "SignatureError",
+    "Site",
+    "SiteEffects",
+    "SiteError",
+    "SoftInterchangeIntervention",
+    "SoftSpanInterchangeIntervention",
+    "Stage",
+    "StepGRUForClassification",
+    "StepGRULMHeadModel",
+    "StepGRUModel",
+    "TransportError",
+    "TransportPlan",
+    "collect_site_effects",
+    "coordinate_sites",
+    "layer_sites",
+    "model_spec",
+    "neuron_sites",
+    "register_model",
+    "run_intervenable",
+    "seed_everything",
+    "solve_transport",
+    "steppable_gru",
+    "tasks",
+    "unit_locations_for",
+    "__version__",
+]

@@ -1,0 +1,154 @@
+"""Command line: ``pyvene-plot demo | run | compare`` (also ``python -m pyvene_plot``)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _out_dir(arg: str | None, prefix: str) -> Path:
+    if arg:
+        p = Path(arg)
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        p = Path.cwd() / "plot_runs" / f"{prefix}-{stamp}"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
+    head = "| " + " | ".join(c.ljust(widths[c]) for c in cols) + " |"
+    sep = "|" + "|".join("-" * (widths[c] + 2) for c in cols) + "|"
+    body = ["| " + " | ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in cols) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _run_methods(task, methods: list[str], out: Path, seed: int, progress: bool) -> list[dict]:
+    import pyvene_plot as pp
+    from .utils import atomic_write_json
+
+    rows = []
+    payload = {"task": task.summary(), "results": {}}
+    for method in methods:
+        searcher = pp.OTAlignmentSearcher(method=method, seed=seed, readout=task.readout, progress=progress)
+        res = searcher.fit(task.model, task.sites, task.fit, task.calibration)
+        test = res.evaluate(task.test, detail=True)
+        base = res.evaluate_baseline(task.test, detail=True)
+        res.to_json(out / f"result_{method}.json")
+        res.plot(out / f"coupling_{method}.png")
+        payload["results"][method] = {"test": test, "baseline_test": base, "runtime_s": res.runtime_s,
+                                      "json": f"result_{method}.json", "plot": f"coupling_{method}.png"}
+        for v in res.variables:
+            rows.append({
+                "variable": v, "method": f"PLOT-{method}", "test IIA": test[v]["iia"],
+                "sensitive": test[v]["sensitive"], "invariant": test[v]["invariant"],
+                "runtime_s": res.runtime_s, "sites evaluated": len(res.sites),
+                "handle sites": ", ".join(s.label for s in res.handles[v].sites),
+            })
+        if method == methods[0]:
+            for v in res.variables:
+                rows.append({
+                    "variable": v, "method": "best single site (free)", "test IIA": base[v]["iia"],
+                    "sensitive": base[v]["sensitive"], "invariant": base[v]["invariant"],
+                    "runtime_s": 0.0, "sites evaluated": len(res.sites),
+                    "handle sites": res.baseline[v].sites[0].label,
+                })
+    payload["rows"] = rows
+    atomic_write_json(out / "summary.json", payload)
+    return rows
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import pyvene_plot as pp
+
+    out = _out_dir(args.out, f"demo-{args.task}")
+    t0 = time.perf_counter()
+    task = pp.tasks.load(args.task, seed=args.seed)
+    print(f"task {task.name}: {type(task.model).__name__} trained in {task.info.get('train_seconds', float('nan')):.1f}s "
+          f"(held-out accuracy {task.info.get('heldout_accuracy', float('nan')):.4f}); banks fit/calibration/test = "
+          f"{len(task.fit)}/{len(task.calibration)}/{len(task.test)}; {len(task.sites)} candidate sites")
+    rows = _run_methods(task, ["uot", "ot"], out, args.seed, not args.quiet)
+    print(_table(rows, ["variable", "method", "test IIA", "sensitive", "invariant", "runtime_s", "sites evaluated", "handle sites"]))
+    print(f"wrote {out} (result_*.json, coupling_*.png, summary.json) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import pyvene_plot as pp
+
+    out = _out_dir(args.out, f"run-{args.task}-{args.method}")
+    task = pp.tasks.load(args.task, seed=args.seed)
+    rows = _run_methods(task, [args.method], out, args.seed, not args.quiet)
+    print(_table(rows, ["variable", "method", "test IIA", "sensitive", "invariant", "runtime_s", "sites evaluated", "handle sites"]))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import pyvene_plot as pp
+
+    if not hasattr(pp, "compare"):
+        print("compare is not available in this build", file=sys.stderr)
+        return 2
+    out = _out_dir(args.out, f"compare-{args.task}")
+    task = pp.tasks.load(args.task, seed=args.seed)
+    cmp = pp.compare(task, progress=not args.quiet, seed=args.seed, out=out)
+    print(cmp.table())
+    cmp.to_json(out / "compare.json")
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyvene-plot", description="PLOT: localise causal variables with optimal transport (pyvene plugin)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="train the embedded task and run PLOT (uot and ot); print a table")
+    d.add_argument("--task", default="heq")
+    d.add_argument("--out", default=None, help="output folder (default: ./plot_runs/<new folder>)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+    r = sub.add_parser("run", help="run one PLOT method on a task")
+    r.add_argument("--task", required=True)
+    r.add_argument("--method", default="uot", choices=["uot", "ot", "gw", "fgw", "cosine", "bruteforce"])
+    r.add_argument("--out", default=None)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("compare", help="PLOT, PLOT-guided DAS and Full DAS side by side")
+    c.add_argument("--task", required=True)
+    c.add_argument("--out", default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from .errors import PlotError
+
+    try:
+        return int(args.func(args) or 0)
+    except PlotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

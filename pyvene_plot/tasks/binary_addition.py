@@ -1,0 +1,529 @@
+"""``binary_addition``: a 16-unit GRU that adds two 4-bit numbers, LSB first (three carry variables).
+
+Task
+----
+Inputs ``a, b`` in ``0..15``. The network reads one bit pair per step, least significant first,
+and emits one sum bit per step; the fifth step has no input and emits the carry out::
+
+    step t        0         1         2         3         4
+    input       (a0,b0)   (a1,b1)   (a2,b2)   (a3,b3)   (0,0)
+    emits         S0        S1        S2        S3        C4
+
+The input is ``inputs_embeds`` of shape ``(N, 5, 16)``: at step ``t < 4`` coordinates 0 and 1
+hold ``a_t`` and ``b_t`` encoded as ``±1`` (bit 1 -> +1, bit 0 -> -1), every other coordinate
+and all of step 4 are 0. The model is :class:`~pyvene_plot.models.StepGRULMHeadModel`
+(``h_dim=16``, one GRU layer, ``vocab_size=2``); the LM head at step ``t`` gives the logits of
+sum bit ``t``. :class:`~pyvene_plot.readout.BitsReadout` ``(steps=(0,1,2,3,4))`` turns the five
+steps into one class over 32 codes, class ``c`` meaning bits ``(c >> t) & 1``, i.e. the class is
+the integer value of the 5-bit output; on factual inputs it is ``a + b``.
+
+Causal model (pyvene ``CausalModel``, 4-bit ripple-carry adder)::
+
+    inputs  A0..A3, B0..B3 in {0, 1}
+    C1 = A0 and B0                       (carry into bit 1)
+    Ci = maj(A{i-1}, B{i-1}, C{i-1})     i = 2, 3, 4   (C4 = carry out)
+    S0 = A0 xor B0,   Si = Ai xor Bi xor Ci            i = 1, 2, 3
+    O  = S0 + 2 S1 + 4 S2 + 8 S3 + 16 C4               (output, 32 classes; label = O)
+
+Forcing a carry ``Ci`` recomputes every downstream sum bit and carry. Factually ``O = a + b``
+(0..30), but an intervened output can be 31 (e.g. base ``a=15, b=14`` with ``C1`` forced to 1
+gives ``29 + 2``), so ``O`` has 32 values, matching the readout. Localised variables:
+``C1, C2, C3`` (``C4`` is an output bit and is not localised, as in the reference). Setting
+``Ci`` to a value different from the base's flips ``Si``, so interchanging ``Ci`` changes the
+output exactly when base and source differ in ``Ci``.
+
+Data and what the backbone saw (reference flaw 3 in ``method-plot.md`` §12)
+--------------------------------------------------------------------------
+* **Backbone:** trained on *all 256 factual* ``(a, b)`` examples, as the reference does (full
+  batch, Adam, cross-entropy per step over the five output bits) until every example is exact
+  and the mean loss is below ``target_loss``; if the step budget ends before 100 % accuracy,
+  training continues deterministically until it is reached. There is no held-out factual set:
+  the task has only 256 inputs and the point is a network that computes addition exactly. The
+  *counterfactual* behaviour (what interventions do) is never trained on.
+* **Pair banks:** the 256 examples are split into disjoint **pools** (default 128 fit / 64
+  calibration / 64 test), stratified by carry-propagation length (longest run of consecutive
+  active carries among ``C1..C4``), seeded by the task seed. Every pair of a split draws *both*
+  its base and its source from that split's pool, so no base or source example is shared across
+  fit / calibration / test. (The reference drew sources from all 256 examples, so test examples
+  served as fit sources.)
+* **Source families** (:func:`pool_pair_sampler`): for each base (uniform over the pool), the
+  source is with probability 1/4 a uniform pool example different from the base, and with
+  probability 1/4 each a *carry-targeted* source for ``C1``, ``C2`` or ``C3``: a pool example whose
+  ``Ci`` differs from the base's, chosen uniformly among the candidates that best agree with the
+  base on ``S{i-1}`` and then on the lower sum bits (the reference's ``target_C{i}`` ranking,
+  restricted to the pool). On top, :meth:`PairBank.from_causal_model` reserves a quarter of the
+  pairs per carry in which it changes the output (``balance=True``). With the defaults each carry
+  changes the output on roughly 55-65 % of the pairs of every split.
+
+Where the carries live (verification, not computed at load time)
+----------------------------------------------------------------
+See :data:`BINARY_ADDITION_VERIFICATION` (measured with a manual unroll of the GRU, cross-checked
+with pyvene's ``IntervenableModel`` on the step sites): full interchange of the hidden state
+``h_t`` from the source into the base. ``Ci`` is best localised at ``h_{i-1}``. A full swap of
+``h_{i-1}`` also replaces what that state says about sum bit ``S{i-1}`` (the LM head reads it at
+step ``i-1``), so its IIA is below 1 on pairs whose ``S{i-1}`` differs; on "clean" pairs
+(``Ci`` differs, ``S{i-1}`` equal) it is 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from pyvene.data_generators.causal_model import CausalModel
+
+from ..banks import PairBank
+from ..errors import BankError, ModelError
+from ..models import GRUConfig, StepGRULMHeadModel
+from ..readout import BitsReadout
+from ..schedule import Stage
+from ..sites import layer_sites
+from . import Task, register
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "N_BITS",
+    "N_STEPS",
+    "H_DIM",
+    "VARIABLES",
+    "BINARY_ADDITION_VERIFICATION",
+    "build_causal_model",
+    "setting_of",
+    "ab_of",
+    "to_model_inputs",
+    "encode",
+    "decode_inputs",
+    "all_examples",
+    "carries",
+    "forced_sum",
+    "propagation_length",
+    "stratified_pools",
+    "pool_pair_sampler",
+    "make_model",
+    "train_model",
+    "build_banks",
+    "build",
+]
+
+N_BITS = 4
+N_STEPS = N_BITS + 1
+H_DIM = 16
+VARIABLES = ["C1", "C2", "C3"]
+_A = [f"A{i}" for i in range(N_BITS)]
+_B = [f"B{i}" for i in range(N_BITS)]
+
+# Measured by a standalone script on the test bank of each seed (default sizes; 1 CPU thread):
+# full-swap IIA of each carry at each timestep h_0..h_4 (exact match of all 5 output bits) on all
+# test pairs, on the pairs where the carry changes the output ("changed"), and on "clean" pairs
+# (changed and base/source agree on S{i-1}). Filled in from the verification run; see module doc.
+BINARY_ADDITION_VERIFICATION: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------- arithmetic
+def carries(a: int, b: int, forced: Mapping[int, int] | None = None) -> tuple[list[int], list[int]]:
+    """Ripple-carry addition of two 4-bit numbers with optional forced carries.
+
+    Parameters
+    ----------
+    a, b : int
+        Addends in ``0..15``.
+    forced : dict, optional
+        ``{i: value}`` forces carry ``Ci`` (``i`` in 1..4) to ``value``.
+
+    Returns
+    -------
+    sums : list of int
+        ``S0..S3``.
+    carry : list of int
+        ``C0..C4`` (``C0 = 0``).
+    """
+    forced = dict(forced or {})
+    c = [0]
+    s = []
+    for i in range(N_BITS):
+        ai, bi = (a >> i) & 1, (b >> i) & 1
+        ci = c[i]
+        s.append(ai ^ bi ^ ci)
+        nxt = (ai & bi) | (ai & ci) | (bi & ci)
+        c.append(int(forced.get(i + 1, nxt)))
+    return s, c
+
+
+def forced_sum(a: int, b: int, forced: Mapping[int, int] | None = None) -> int:
+    """The 5-bit output value ``S0 + 2 S1 + 4 S2 + 8 S3 + 16 C4`` with carries forced (direct, no pyvene)."""
+    s, c = carries(a, b, forced)
+    return sum(bit << i for i, bit in enumerate(s)) + (c[N_BITS] << N_BITS)
+
+
+def propagation_length(a: int, b: int) -> int:
+    """Longest run of consecutive active carries among ``C1..C4`` (0..4)."""
+    _, c = carries(a, b)
+    best = run = 0
+    for bit in c[1:]:
+        run = run + 1 if bit else 0
+        best = max(best, run)
+    return best
+
+
+# ----------------------------------------------------------------------------- causal model
+def _maj(x: int, y: int, z: int) -> int:
+    return int(x + y + z >= 2)
+
+
+def build_causal_model() -> CausalModel:
+    """A fresh ripple-carry ``CausalModel`` (its constructor sorts and mutates its arguments)."""
+    variables = _A + _B + ["C1", "C2", "C3", "C4"] + [f"S{i}" for i in range(N_BITS)] + ["O"]
+    values: dict[str, list[int]] = {v: [0, 1] for v in variables}
+    values["O"] = list(range(2 ** (N_BITS + 1)))
+    parents: dict[str, list[str]] = {v: [] for v in _A + _B}
+    functions: dict[str, Callable[..., int]] = {v: (lambda: 0) for v in _A + _B}
+    parents["C1"] = ["A0", "B0"]
+    functions["C1"] = lambda x, y: int(x & y)
+    for i in range(2, N_BITS + 1):
+        parents[f"C{i}"] = [f"A{i - 1}", f"B{i - 1}", f"C{i - 1}"]
+        functions[f"C{i}"] = _maj
+    parents["S0"] = ["A0", "B0"]
+    functions["S0"] = lambda x, y: int(x ^ y)
+    for i in range(1, N_BITS):
+        parents[f"S{i}"] = [f"A{i}", f"B{i}", f"C{i}"]
+        functions[f"S{i}"] = lambda x, y, z: int(x ^ y ^ z)
+    parents["O"] = [f"S{i}" for i in range(N_BITS)] + [f"C{N_BITS}"]
+    functions["O"] = lambda *bits: int(sum(int(v) << i for i, v in enumerate(bits)))
+    return CausalModel(list(variables), dict(values), dict(parents), dict(functions), pos={})
+
+
+def setting_of(a: int, b: int) -> dict[str, int]:
+    """Input setting ``{A0..A3, B0..B3}`` of the pair ``(a, b)``."""
+    s = {f"A{i}": (int(a) >> i) & 1 for i in range(N_BITS)}
+    s.update({f"B{i}": (int(b) >> i) & 1 for i in range(N_BITS)})
+    return s
+
+
+def ab_of(setting: Mapping[str, int]) -> tuple[int, int]:
+    """``(a, b)`` of an input setting."""
+    a = sum(int(setting[f"A{i}"]) << i for i in range(N_BITS))
+    b = sum(int(setting[f"B{i}"]) << i for i in range(N_BITS))
+    return a, b
+
+
+# ----------------------------------------------------------------------------- inputs
+def encode(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``inputs_embeds`` ``(N, 5, 16)`` for integer tensors ``a, b`` of shape ``(N,)``."""
+    a = torch.as_tensor(a, dtype=torch.long).reshape(-1)
+    b = torch.as_tensor(b, dtype=torch.long).reshape(-1)
+    x = torch.zeros(a.shape[0], N_STEPS, H_DIM)
+    shifts = torch.arange(N_BITS)
+    x[:, :N_BITS, 0] = ((a.unsqueeze(1) >> shifts) & 1).float() * 2 - 1
+    x[:, :N_BITS, 1] = ((b.unsqueeze(1) >> shifts) & 1).float() * 2 - 1
+    return x
+
+
+def to_model_inputs(setting: Mapping[str, int]) -> torch.Tensor:
+    """One input setting -> ``inputs_embeds`` of one example, ``FloatTensor[5, 16]``."""
+    a, b = ab_of(setting)
+    return encode(torch.tensor([a]), torch.tensor([b]))[0]
+
+
+def decode_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode`: ``(a, b)`` LongTensors from ``inputs_embeds`` ``(N, 5, 16)``."""
+    bits = (x[:, :N_BITS, :2] > 0).long()  # (N, 4, 2)
+    w = 2 ** torch.arange(N_BITS)
+    return (bits[..., 0] * w).sum(1), (bits[..., 1] * w).sum(1)
+
+
+def all_examples() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every ``(a, b)``: ``a``, ``b`` (256,) and the 5-bit targets ``(256, 5)`` of ``a + b``."""
+    idx = torch.arange(2 ** (2 * N_BITS))
+    a, b = idx // 2**N_BITS, idx % 2**N_BITS
+    y = ((a + b).unsqueeze(1) >> torch.arange(N_STEPS)) & 1
+    return a, b, y
+
+
+# ----------------------------------------------------------------------------- pools and sampler
+def stratified_pools(
+    seed: int, sizes: Sequence[int] = (128, 64, 64)
+) -> list[list[tuple[int, int]]]:
+    """Split the 256 ``(a, b)`` examples into disjoint pools, stratified by :func:`propagation_length`.
+
+    Examples are bucketed by propagation length, each bucket is shuffled (``random.Random(seed)``),
+    the buckets are concatenated and positions are dealt to the pools in a repeating pattern
+    proportional to ``sizes`` (for 128/64/64: fit, fit, calibration, test), so every bucket is
+    split close to the pool proportions and every example is used exactly once.
+    """
+    sizes = [int(s) for s in sizes]
+    total = 2 ** (2 * N_BITS)
+    if sum(sizes) != total or min(sizes) < 2:
+        raise BankError(f"pool sizes {sizes} must be >= 2 each and sum to {total}")
+    rng = random.Random(int(seed))
+    buckets: dict[int, list[tuple[int, int]]] = {}
+    for a in range(2**N_BITS):
+        for b in range(2**N_BITS):
+            buckets.setdefault(propagation_length(a, b), []).append((a, b))
+    order: list[tuple[int, int]] = []
+    for k in sorted(buckets):
+        items = buckets[k]
+        rng.shuffle(items)
+        order.extend(items)
+    # deal positions: pool p gets sizes[p] of every `total` positions, spread evenly
+    pools: list[list[tuple[int, int]]] = [[] for _ in sizes]
+    quota_seen = [0.0] * len(sizes)
+    for j, ex in enumerate(order):
+        # choose the pool furthest behind its proportional share (ties -> earlier pool)
+        for p, s in enumerate(sizes):
+            quota_seen[p] = (j + 1) * s / total - len(pools[p])
+        p = max(range(len(sizes)), key=lambda q: (quota_seen[q], -q))
+        pools[p].append(ex)
+    return pools
+
+
+def pool_pair_sampler(
+    pool: Sequence[tuple[int, int]], p_random: float = 0.25
+) -> Callable[[random.Random], dict]:
+    """A ``sampler(rng)`` for :meth:`PairBank.from_causal_model` drawing correlated (base, source) pairs.
+
+    ``from_causal_model`` draws a pair as ``b, s = sampler(rng), sampler(rng)``; this sampler
+    alternates: odd calls return a base (uniform over ``pool``), even calls return a source for
+    the base just returned. The source is, with probability ``p_random``, a uniform pool example
+    other than the base; otherwise (equal shares) a carry-targeted source for ``C1``, ``C2`` or
+    ``C3``: a pool example whose carry ``Ci`` differs from the base's, chosen uniformly among the
+    candidates with the fewest disagreements on ``(S{i-1}, then S0..S{i-2})``. Both members of
+    every pair come from ``pool``, whatever the call order, so split disjointness never depends
+    on the alternation; only the mix of families does.
+    """
+    pool = [tuple(map(int, ab)) for ab in pool]
+    if len(set(pool)) != len(pool) or len(pool) < 2:
+        raise BankError("a pool needs at least two distinct (a, b) examples")
+    info = {ab: carries(*ab) for ab in pool}
+    targets: dict[tuple[tuple[int, int], int], list[tuple[int, int]]] = {}
+    for base in pool:
+        sb, cb = info[base]
+        for i in range(1, N_BITS):
+            cands = [ab for ab in pool if info[ab][1][i] != cb[i]]
+            if not cands:
+                continue
+
+            def key(ab: tuple[int, int], i: int = i, sb: list[int] = sb) -> tuple[int, int]:
+                ss = info[ab][0]
+                return (int(ss[i - 1] != sb[i - 1]), sum(int(ss[k] != sb[k]) for k in range(i - 1)))
+
+            best = min(key(ab) for ab in cands)
+            targets[(base, i)] = [ab for ab in cands if key(ab) == best]
+    state: dict[str, Any] = {"base": None}
+
+    def sampler(rng: random.Random) -> dict:
+        base = state["base"]
+        if base is None:
+            base = pool[rng.randrange(len(pool))]
+            state["base"] = base
+            return setting_of(*base)
+        state["base"] = None
+        u = rng.random()
+        i = 0 if u < p_random else 1 + min(N_BITS - 2, int((u - p_random) / ((1 - p_random) / (N_BITS - 1))))
+        cands = targets.get((base, i)) if i else None
+        if not cands:
+            cands = [ab for ab in pool if ab != base]
+        return setting_of(*cands[rng.randrange(len(cands))])
+
+    return sampler
+
+
+# ----------------------------------------------------------------------------- model
+def make_model(init_seed: int = 0) -> StepGRULMHeadModel:
+    """A freshly initialised step GRU (h_dim 16, one layer, vocab 2, 5 steps); global RNG untouched."""
+    cfg = GRUConfig(
+        h_dim=H_DIM, n_layer=1, include_emb=False, vocab_size=2, n_steps=N_STEPS,
+        max_position_embeddings=N_STEPS, pdrop=0.0, include_bias=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(init_seed))
+        model = StepGRULMHeadModel(cfg)
+    return model
+
+
+@torch.no_grad()
+def factual_accuracy(model: torch.nn.Module) -> dict[str, Any]:
+    """Exact-match accuracy (all 5 bits) and per-bit accuracy on all 256 examples."""
+    a, b, y = all_examples()
+    logits = model(inputs_embeds=encode(a, b))[0]
+    pred = logits.argmax(-1)
+    return {
+        "accuracy": float((pred == y).all(1).float().mean()),
+        "bit_accuracy": [float(v) for v in (pred == y).float().mean(0)],
+    }
+
+
+def train_model(
+    seed: int = 0,
+    lr: float = 0.01,
+    max_steps: int = 1000,
+    target_loss: float = 0.01,
+    extra_steps_limit: int = 20_000,
+    threads: int | None = 1,
+) -> tuple[StepGRULMHeadModel, dict]:
+    """Train the adder on all 256 factual examples (full batch, Adam, CE per step).
+
+    Training stops at the first step at which every example is exact *and* the mean per-bit
+    cross-entropy is below ``target_loss``, or after ``max_steps``; if the model is not at 100 %
+    by then, training continues (same optimiser, deterministic) until it is, up to
+    ``extra_steps_limit`` further steps, else :class:`ModelError`.
+
+    ``threads`` temporarily sets ``torch.set_num_threads`` for the training loop (restored
+    afterwards; ``None`` leaves it alone). The tensors are tiny (256 x 16), so intra-op threads
+    only add overhead: one thread trains in ~0.3-0.5 s, two threads on a shared 2-core machine
+    took 2-50 s for the same (identical) steps.
+
+    Returns ``(model, info)``; the model is in eval mode with frozen parameters.
+    """
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        return _train(seed, lr, max_steps, target_loss, extra_steps_limit)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(seed: int, lr: float, max_steps: int, target_loss: float, extra_steps_limit: int):
+    a, b, y = all_examples()
+    x = encode(a, b)
+    model = make_model(init_seed=seed)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    t0 = time.perf_counter()
+    steps = 0
+    first_exact = None
+    while True:
+        logits = model(inputs_embeds=x)[0]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), y.reshape(-1))
+        exact = bool((logits.detach().argmax(-1) == y).all())
+        if exact and first_exact is None:
+            first_exact = steps
+        if exact and (float(loss.detach()) < target_loss or steps >= max_steps):
+            break
+        if steps >= max_steps + extra_steps_limit:
+            raise ModelError(
+                f"binary adder (seed {seed}) not exact on all 256 examples after {steps} steps; "
+                "raise extra_steps_limit= or change lr="
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+    seconds = time.perf_counter() - t0
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    acc = factual_accuracy(model)
+    if acc["accuracy"] != 1.0:  # pragma: no cover - the loop only stops when exact
+        raise ModelError(f"binary adder (seed {seed}) lost exactness after training: {acc}")
+    info = {
+        "train_seconds": round(seconds, 3),
+        "train_threads": torch.get_num_threads(),
+        "train_steps": steps,
+        "first_exact_step": first_exact,
+        "final_train_loss": float(loss.detach()),
+        "factual_accuracy": acc["accuracy"],
+        "bit_accuracy": acc["bit_accuracy"],
+        "optimizer": f"Adam lr={lr}, full batch (256), CE per output bit",
+        "stop_rule": f"all 256 exact and mean CE < {target_loss}, or {max_steps} steps then until exact",
+        "init_seed": int(seed),
+        "backbone_training_data": "all 256 factual (a, b) examples (every fit/calibration/test example)",
+    }
+    return model, info
+
+
+# ----------------------------------------------------------------------------- banks
+def build_banks(
+    causal_model: CausalModel,
+    seed: int = 0,
+    n_fit: int = 1600,
+    n_calibration: int = 800,
+    n_test: int = 800,
+    pool_sizes: Sequence[int] = (128, 64, 64),
+) -> tuple[PairBank, PairBank, PairBank, list[list[tuple[int, int]]]]:
+    """Fit / calibration / test banks whose bases and sources come from disjoint pools.
+
+    Pool split seed ``seed``; bank ``k`` (0 fit, 1 calibration, 2 test) uses sampling seed
+    ``1000 + 10 * seed + k``. Returns the three banks and the three pools.
+    """
+    pools = stratified_pools(seed, pool_sizes)
+    banks = []
+    for k, (name, n, pool) in enumerate(
+        zip(("fit", "calibration", "test"), (n_fit, n_calibration, n_test), pools)
+    ):
+        bank = PairBank.from_causal_model(
+            causal_model, to_model_inputs, n=int(n), variables=VARIABLES, seed=1000 + 10 * int(seed) + k,
+            sampler=pool_pair_sampler(pool), output_var="O", balance=True, name=name,
+        )
+        bank.meta.update({
+            "pool": name,
+            "pool_size": len(pool),
+            "pool_seed": int(seed),
+            "sampler": "pool_pair_sampler(p_random=0.25; target_C1/C2/C3 0.25 each)",
+        })
+        banks.append(bank)
+    return banks[0], banks[1], banks[2], pools
+
+
+# ----------------------------------------------------------------------------- task
+def build(
+    seed: int = 0,
+    n_fit: int = 1600,
+    n_calibration: int = 800,
+    n_test: int = 800,
+    lr: float = 0.01,
+    max_steps: int = 1000,
+    target_loss: float = 0.01,
+    threads: int | None = 1,
+) -> Task:
+    """Train the adder and build the banks (deterministic given ``seed``).
+
+    Returns
+    -------
+    Task
+        ``variables = ["C1", "C2", "C3"]``; ``sites`` = the whole hidden state at each timestep
+        0..4 (``L{t}.block_output@-1``); ``default_stages = [Stage("layer"),
+        Stage("coordinates", group_sizes=(8, 4, 2, 1))]``; ``readout = BitsReadout(steps=(0..4))``.
+    """
+    seed = int(seed)
+    model, info = train_model(seed=seed, lr=lr, max_steps=max_steps, target_loss=target_loss, threads=threads)
+    cm = build_causal_model()
+    t0 = time.perf_counter()
+    fit, cal, test, pools = build_banks(cm, seed, n_fit, n_calibration, n_test)
+    info.update({
+        "seed": seed,
+        "bank_seconds": round(time.perf_counter() - t0, 3),
+        "pool_sizes": {n: len(p) for n, p in zip(("fit", "calibration", "test"), pools)},
+        "pools": {n: [list(ab) for ab in p] for n, p in zip(("fit", "calibration", "test"), pools)},
+        "pool_stratification": "propagation length (longest run of active carries C1..C4)",
+        "bank_sizes": {bk.name: len(bk) for bk in (fit, cal, test)},
+        "changed_fraction": {
+            bk.name: {v: round(float(bk.changed(v).float().mean()), 4) for v in VARIABLES}
+            for bk in (fit, cal, test)
+        },
+        "input": "inputs_embeds (N, 5, 16): step t<4 coords (0,1) = (a_t, b_t) as +-1, rest 0; step 4 zeros",
+        "output": "LM head (vocab 2) at step t = sum bit t (t=4: carry out); class = a + b (32 classes)",
+        "model_config": {"h_dim": H_DIM, "n_layer": 1, "vocab_size": 2, "n_steps": N_STEPS},
+        "verification": BINARY_ADDITION_VERIFICATION,
+    })
+    return Task(
+        name="binary_addition",
+        model=model,
+        variables=list(VARIABLES),
+        fit=fit,
+        calibration=cal,
+        test=test,
+        sites=layer_sites(model),
+        default_stages=[Stage("layer"), Stage("coordinates", group_sizes=(8, 4, 2, 1))],
+        readout=BitsReadout(steps=tuple(range(N_STEPS))),
+        causal_model=cm,
+        info=info,
+    )
+
+
+register("binary_addition", build)
