@@ -22,7 +22,8 @@ from .interventions import SoftInterchangeIntervention, SoftSpanInterchangeInter
 from .models import StepGRUForClassification, StepGRULMHeadModel, StepGRUModel, steppable_gru
 from .readout import BitsReadout, Readout
 from .results import AlignmentResult
-from .schedule import Stage
+from .compare import Comparison, compare
+from .schedule import Localization, ProgressiveScheduler, Stage
 from .search import OTAlignmentSearcher
 from .signatures import SiteEffects, collect_site_effects
 from .sites import Site, coordinate_sites, layer_sites, model_spec, neuron_sites, register_model
@@ -56,6 +57,10 @@ __all__ = [
     "SoftInterchangeIntervention",
     "SoftSpanInterchangeIntervention",
     "Stage",
+    "ProgressiveScheduler",
+    "Localization",
+    "compare",
+    "Comparison",
     "StepGRUForClassification",
     "StepGRULMHeadModel",
     "StepGRUModel",

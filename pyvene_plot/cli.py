@@ -35,14 +35,19 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([head, sep, *body])
 
 
+from .compare import task_signatures  # noqa: E402
+
+
 def _run_methods(task, methods: list[str], out: Path, seed: int, progress: bool) -> list[dict]:
     import pyvene_plot as pp
     from .utils import atomic_write_json
 
     rows = []
     payload = {"task": task.summary(), "results": {}}
+    signatures = task_signatures(task)
     for method in methods:
-        searcher = pp.OTAlignmentSearcher(method=method, seed=seed, readout=task.readout, progress=progress)
+        searcher = pp.OTAlignmentSearcher(method=method, seed=seed, readout=task.readout, progress=progress,
+                                          signature=signatures)
         res = searcher.fit(task.model, task.sites, task.fit, task.calibration)
         test = res.evaluate(task.test, detail=True)
         base = res.evaluate_baseline(task.test, detail=True)
@@ -99,14 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import pyvene_plot as pp
 
-    if not hasattr(pp, "compare"):
-        print("compare is not available in this build", file=sys.stderr)
-        return 2
     out = _out_dir(args.out, f"compare-{args.task}")
     task = pp.tasks.load(args.task, seed=args.seed)
     cmp = pp.compare(task, progress=not args.quiet, seed=args.seed, out=out)
     print(cmp.table())
-    cmp.to_json(out / "compare.json")
     print(f"wrote {out}")
     return 0
 

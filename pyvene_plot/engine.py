@@ -225,6 +225,7 @@ class InterchangeEngine:
                 b = int(idx.shape[0])
                 part = {k: v[idx].to(self.device) for k, v in kw.items()}
                 locs, subsp, reps = [], [], {}
+                uniform = True
                 for key in keys:
                     u = unit_of_key[key]
                     ru = (u[0], u[1], u[2])
@@ -233,9 +234,17 @@ class InterchangeEngine:
                         locs.append([[0]] * b)
                         subsp.append(None)
                         continue
-                    locs.append([[int(x)] for x in bpos[ru][idx]])
+                    p = bpos[ru][idx]
+                    if bool((p == p[0]).all()):
+                        locs.append([[int(p[0])]] * b)
+                    else:
+                        uniform = False
+                        locs.append([[int(x)] for x in p.tolist()])
                     subsp.append(c[s : s + b].to(self.device))
                     reps[key] = source_acts[ru][idx.to(source_acts[ru].device)].to(self.device).unsqueeze(1)
+                # pyvene's fast scatter writes every row at row 0's positions: only correct (and
+                # only used) when all rows share their positions; reset before every call.
+                self.im.use_fast = uniform
                 if not reps:
                     out.append(self.readout(self.model(**part), part).float().cpu())
                     if progress is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from .errors import PlotError
 
-__all__ = ["Stage", "STAGE_KINDS"]
+__all__ = ["Stage", "STAGE_KINDS"]  # extended below
 
 STAGE_KINDS = ("layer", "position", "coordinates", "pca")
 
@@ -64,3 +64,335 @@ class Stage:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------- scheduler
+import logging as _logging  # noqa: E402
+import time as _time  # noqa: E402
+from collections.abc import Mapping as _Mapping, Sequence as _Sequence  # noqa: E402
+
+import numpy as _np  # noqa: E402
+import torch as _torch  # noqa: E402
+
+from .banks import PairBank  # noqa: E402
+from .engine import InterchangeEngine, as_model_kwargs  # noqa: E402
+from .errors import SiteError  # noqa: E402
+from .results import AlignmentResult  # noqa: E402
+from .sites import Site, coordinate_sites, model_spec  # noqa: E402
+from .utils import atomic_write_json  # noqa: E402
+
+_log = _logging.getLogger(__name__)
+
+__all__ += ["ProgressiveScheduler", "Localization", "fit_pca_basis"]
+
+#: stage kinds that count as coarse (default solver one-sided UOT)
+COARSE_KINDS = ("layer", "position")
+
+
+def fit_pca_basis(acts: _torch.Tensor, rtol: float = 1e-6) -> tuple[_np.ndarray, _np.ndarray, _np.ndarray]:
+    """Centred PCA of activations ``(n, d)``.
+
+    Returns
+    -------
+    V : ndarray, shape (r, d)
+        Orthonormal principal directions (rows), ``r`` = numerical rank.
+    mean : ndarray, shape (d,)
+    explained : ndarray, shape (r,)
+        Variance explained by each component.
+    """
+    X = acts.double().cpu()
+    mean = X.mean(0)
+    U, S, Vh = _torch.linalg.svd(X - mean, full_matrices=False)
+    tol = rtol * max(X.shape) * (float(S[0]) if S.numel() else 0.0)
+    r = int((S > tol).sum())
+    if r == 0:
+        raise SiteError("activations at this site do not vary on the fit bank; a PCA basis cannot be fitted")
+    var = (S[:r] ** 2) / max(1, X.shape[0] - 1)
+    return Vh[:r].float().numpy(), mean.float().numpy(), var.float().numpy()
+
+
+class Localization:
+    """What :meth:`ProgressiveScheduler.run` returns.
+
+    Attributes
+    ----------
+    stages : list of AlignmentResult
+        One result per stage, in order, each with its own ``runtime_s``.
+    kept : list of dict
+        Per stage, ``variable -> list of kept Site`` (what the next stage narrows to).
+    kept_reason : list of dict
+        Per stage and variable, for each kept site: ``"handle"`` (a site of the calibrated handle)
+        or ``"ranking"`` (fallback from the coupling ranking when the handle had fewer sites).
+    bases : dict of str to ndarray
+        PCA bases fitted by ``pca`` stages.
+    runtime_s : float
+        Total wall time: all stages plus PCA fits.
+    """
+
+    def __init__(self, model, variables, stages, kept, kept_reason, bases, runtime_s, stage_specs, extra_s):
+        self.model = model
+        self.variables = list(variables)
+        self.stages: list[AlignmentResult] = stages
+        self.kept = kept
+        self.kept_reason = kept_reason
+        self.bases = bases
+        self.runtime_s = runtime_s
+        self.stage_specs: list[Stage] = stage_specs
+        self.extra_s = extra_s
+
+    def __repr__(self) -> str:
+        kinds = "→".join(s.kind for s in self.stage_specs)
+        return f"Localization({kinds}, runtime_s={self.runtime_s:.2f}, final={ {v: [s.label for s in k] for v, k in self.kept[-1].items()} })"
+
+    @property
+    def final(self) -> AlignmentResult:
+        return self.stages[-1]
+
+    def n_sites_evaluated(self) -> int:
+        return int(sum(len(r.sites) for r in self.stages))
+
+    def runtime_until(self, n_stages: int) -> float:
+        """Wall time of the first ``n_stages`` stages (PCA fits of those stages included)."""
+        return float(sum(r.runtime_s for r in self.stages[:n_stages]) + sum(self.extra_s[:n_stages]))
+
+    def evaluate(self, bank: PairBank, stage: int = -1, detail: bool = False) -> dict:
+        """Transport-only IIA of a stage's handles (default: the last stage)."""
+        return self.stages[stage].evaluate(bank, detail=detail)
+
+    def das_specs(self, subspace_sizes: _Sequence[int] | None = None, stage: int = -1) -> list:
+        """Narrowed :class:`~pyvene_plot.das.DASSpec` per variable for pyvene DAS training.
+
+        Each variable gets one spec at the layer/position of its kept sites. After a
+        ``coordinates`` stage the support is the union of the kept coordinate groups; after a
+        ``pca`` stage it is the span of the union of kept PCA bands; after a ``layer`` or
+        ``position`` stage it is the whole vector. The subspace sizes default to powers of two up
+        to the support width (and the width itself, capped at 8 values).
+        """
+        from .das import DASSpec
+
+        res = self.stages[stage]
+        specs = []
+        for v in self.variables:
+            kept = self.kept[stage if stage >= 0 else len(self.kept) + stage][v]
+            by_unit: dict[tuple, list[Site]] = {}
+            for s in kept:
+                by_unit.setdefault((s.layer, s.component, s.position, s.basis), []).append(s)
+            for (layer, comp, pos, basis), group in by_unit.items():
+                if any(s.dims is None for s in group):
+                    dims = None
+                else:
+                    dims = tuple(sorted({d for s in group for d in s.dims}))
+                if basis is not None:
+                    V = _np.asarray(res.bases[basis])
+                    rows = list(dims) if dims is not None else list(range(V.shape[0]))
+                    width = len(rows)
+                    spec_basis, spec_dims = V[rows], None
+                else:
+                    width = len(dims) if dims is not None else model_spec(self.model).dim(comp)
+                    spec_basis, spec_dims = None, dims
+                sizes = tuple(subspace_sizes) if subspace_sizes is not None else default_sizes(width)
+                sizes = tuple(k for k in sizes if k <= width) or (width,)
+                specs.append(DASSpec(variable=v, layer=layer, component=comp, position=pos, dims=spec_dims,
+                                     basis=spec_basis, subspace_sizes=sizes,
+                                     source=f"plot:{self.stage_specs[stage].kind}"))
+        return specs
+
+    def to_dict(self) -> dict:
+        return {
+            "stages": [s.to_dict() for s in self.stage_specs],
+            "results": [r.to_dict() for r in self.stages],
+            "kept": [{v: [s.to_dict() for s in ks] for v, ks in k.items()} for k in self.kept],
+            "kept_reason": self.kept_reason,
+            "runtime_s": self.runtime_s,
+            "stage_runtime_s": [r.runtime_s for r in self.stages],
+            "pca_runtime_s": self.extra_s,
+        }
+
+    def to_json(self, path) -> object:
+        return atomic_write_json(path, self.to_dict())
+
+    def plot(self, folder) -> list:
+        """One coupling heatmap per stage (``stage{i}_{kind}.png``); returns the paths."""
+        from pathlib import Path
+
+        out = []
+        for i, (st, r) in enumerate(zip(self.stage_specs, self.stages)):
+            p = Path(folder) / f"stage{i}_{st.kind}.png"
+            r.plot(p)
+            out.append(p)
+        return out
+
+
+def default_sizes(width: int) -> tuple[int, ...]:
+    """Powers of two below ``width`` plus ``width`` (at most 8 values, largest kept)."""
+    sizes = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if k < width] + [width]
+    return tuple(sizes[-8:])
+
+
+class ProgressiveScheduler:
+    """Run OT alignment stages from coarse to fine, narrowing the candidates per variable.
+
+    Parameters
+    ----------
+    stages : list of Stage
+    searcher : OTAlignmentSearcher
+        Used for every stage (cloned per stage with the stage's method). Coarse stages (``layer``,
+        ``position``) default to one-sided ``"uot"`` unless the stage sets ``method``.
+    keep : int, default 1
+        Sites kept per variable after each stage (overridden by ``Stage.keep``). Kept sites are
+        the calibrated handle's sites by weight; if the handle has fewer, the remaining slots are
+        filled from the coupling ranking (recorded as a fallback).
+    """
+
+    def __init__(self, stages: _Sequence[Stage], searcher=None, keep: int = 1) -> None:
+        from .search import OTAlignmentSearcher
+
+        if not stages:
+            raise PlotError("a schedule needs at least one stage")
+        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
+        if int(keep) < 1:
+            raise PlotError(f"keep must be >= 1 (sites kept per variable), got {keep}")
+        self.keep = int(keep)
+        self.searcher = searcher if searcher is not None else OTAlignmentSearcher()
+        for i, st in enumerate(self.stages):
+            if i == 0 and st.kind not in ("layer", "position", "coordinates", "pca"):
+                raise PlotError(f"unknown first stage {st.kind!r}")
+
+    def run(
+        self,
+        model: _torch.nn.Module,
+        fit_bank: PairBank,
+        calibration_bank: PairBank,
+        variables: _Sequence[str] | None = None,
+    ) -> Localization:
+        """Run every stage; each stage's candidates for a variable lie inside what the previous stage kept."""
+        t0 = _time.perf_counter()
+        variables = list(variables) if variables is not None else list(fit_bank.variables)
+        spec = model_spec(model)
+        for st in self.stages:
+            if st.kind == "position" and not spec.has_positions:
+                raise PlotError(
+                    f"stage kind 'position' needs a model with token positions; {spec.model_type.__name__} has none "
+                    "(use 'layer' then 'coordinates' or 'pca')"
+                )
+        results, kept_all, reasons_all, extra = [], [], [], []
+        bases: dict[str, _np.ndarray] = {}
+        kept: dict[str, list[Site]] | None = None
+        for i, st in enumerate(self.stages):
+            t_extra = _time.perf_counter()
+            cands, allowed, stage_bases = self._candidates(st, model, spec, fit_bank, kept, variables)
+            bases.update(stage_bases)
+            extra.append(_time.perf_counter() - t_extra if st.kind == "pca" else 0.0)
+            method = st.method or ("uot" if st.kind in COARSE_KINDS else self.searcher.method)
+            searcher = self.searcher.clone(method=method)
+            if searcher.top_k is not None:
+                n_support = min(len(a) for a in allowed.values())
+                ks = (searcher.top_k,) if _np.isscalar(searcher.top_k) else tuple(searcher.top_k)
+                searcher.top_k = tuple(k for k in ks if k <= n_support) or (1,)
+            _log.info("stage %d (%s): %d candidate sites, method %s", i, st.kind, len(cands), method)
+            res = searcher.fit(model, cands, fit_bank, calibration_bank, variables,
+                               bases={k: v for k, v in bases.items() if any(c.basis == k for c in cands)},
+                               allowed=allowed)
+            keep = st.keep or self.keep
+            kept, reasons = self._select(res, allowed, keep)
+            results.append(res)
+            kept_all.append(kept)
+            reasons_all.append(reasons)
+        runtime = _time.perf_counter() - t0
+        return Localization(model, variables, results, kept_all, reasons_all, bases, runtime, self.stages, extra)
+
+    # ------------------------------------------------------------------------------------
+    @staticmethod
+    def _select(res: AlignmentResult, allowed: _Mapping[str, _Sequence[int]], keep: int):
+        kept, reasons = {}, {}
+        for v in res.variables:
+            h = res.handles[v]
+            order = sorted(range(len(h.sites)), key=lambda j: -h.weights[j])  # stable: ties keep handle order
+            ks = [h.sites[j] for j in order][:keep]
+            rs = ["handle"] * len(ks)
+            if len(ks) < keep:
+                allowed_sites = {res.sites[j] for j in allowed[v]}
+                for s in res.ranking(v):
+                    if len(ks) >= keep:
+                        break
+                    if s in allowed_sites and s not in ks:
+                        ks.append(s)
+                        rs.append("ranking")
+            kept[v] = ks
+            reasons[v] = rs
+        return kept, reasons
+
+    def _candidates(self, st: Stage, model, spec, bank: PairBank, kept, variables):
+        """Candidate sites (union over variables) and, per variable, the indices it may use."""
+        per_var: dict[str, list[Site]] = {}
+        stage_bases: dict[str, _np.ndarray] = {}
+        if st.kind == "layer":
+            positions = st.positions or (-1,)
+            layers = range(spec.n_layers)
+            if kept is not None:  # a later layer stage: keep the previous layers only
+                layers = sorted({s.layer for ks in kept.values() for s in ks})
+            base = [Site(l, st.component, p) for l in layers for p in positions]
+            per_var = {v: list(base) for v in variables}
+        elif st.kind == "position":
+            positions = st.positions or tuple(range(_min_real_length(bank)))
+            for v in variables:
+                layers = sorted({s.layer for s in kept[v]}) if kept is not None else range(spec.n_layers)
+                per_var[v] = [Site(l, st.component, p) for l in layers for p in positions]
+        elif st.kind == "coordinates":
+            for v in variables:
+                parents = kept[v] if kept is not None else [Site(l, st.component, -1) for l in range(spec.n_layers)]
+                sites = []
+                for par in parents:
+                    if par.basis is not None:
+                        raise PlotError("a coordinates stage cannot follow a pca stage (coordinates are native)")
+                    dims = list(par.dims) if par.dims is not None else list(range(spec.dim(par.component)))
+                    for g in st.group_sizes:
+                        if g > len(dims):
+                            continue
+                        for grp in coordinate_sites(par.layer, len(dims), g, par.component, par.position):
+                            sites.append(grp.with_(dims=tuple(dims[j] for j in grp.dims)))
+                if not sites:
+                    raise SiteError(f"coordinates stage produced no candidates for {v!r} (group sizes {st.group_sizes} exceed the support)")
+                per_var[v] = list(dict.fromkeys(sites))
+        else:  # pca
+            for v in variables:
+                parents = kept[v] if kept is not None else [Site(l, st.component, -1) for l in range(spec.n_layers)]
+                sites = []
+                for par in parents:
+                    key = f"pca:L{par.layer}:{par.component}@{par.position}"
+                    if key not in stage_bases:
+                        acts = _site_activations(model, par, bank)
+                        V, _mean, _var = fit_pca_basis(acts)
+                        stage_bases[key] = V
+                        _log.info("PCA basis %s fitted on %d states (rank %d)", key, acts.shape[0], V.shape[0])
+                    r = stage_bases[key].shape[0]
+                    nb = min(st.bands, r)
+                    edges = _np.linspace(0, r, nb + 1).round().astype(int)
+                    for a, b in zip(edges[:-1], edges[1:]):
+                        if b > a:
+                            sites.append(Site(par.layer, par.component, par.position, dims=tuple(range(a, b)), basis=key))
+                per_var[v] = sites
+        union = list(dict.fromkeys(s for v in variables for s in per_var[v]))
+        index = {s: i for i, s in enumerate(union)}
+        allowed = {v: [index[s] for s in per_var[v]] for v in variables}
+        for v in variables:
+            if not allowed[v]:
+                raise SiteError(f"empty support for variable {v!r} at stage {st.kind!r}")
+        return union, allowed, stage_bases
+
+
+def _min_real_length(bank: PairBank) -> int:
+    kw = as_model_kwargs(bank.base)
+    if "attention_mask" in kw:
+        return int(kw["attention_mask"].sum(1).min())
+    t = kw.get("input_ids", kw.get("inputs_embeds"))
+    return int(t.shape[1])
+
+
+def _site_activations(model, site: Site, bank: PairBank) -> _torch.Tensor:
+    """Activations at a whole-vector site for every base and source of the bank, (2N, d)."""
+    eng = InterchangeEngine(model, [(site.layer, site.component, site.position, None)])
+    ru = (site.layer, site.component, site.position)
+    a = eng.collect(bank.base)[ru]
+    b = eng.collect(bank.source)[ru]
+    return _torch.cat([a, b], 0)

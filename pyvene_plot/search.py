@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["OTAlignmentSearcher", "DEFAULT_TOP_K", "DEFAULT_LAMBDAS"]
 
 DEFAULT_TOP_K = (1, 2, 4, 8)
-DEFAULT_LAMBDAS = (0.5, 1.0, 2.0, 4.0)
+DEFAULT_LAMBDAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 #: ε = factor x (cost range) when epsilon="auto" (ot / uot)
 AUTO_EPSILON_FACTORS = (0.01, 0.03, 0.1)
 #: β = factor x (cost range) when beta="auto" (uot)
@@ -92,8 +92,9 @@ class OTAlignmentSearcher:
         or a fixed grid for gw/fgw/baselines. Every value of a sweep is judged on the calibration bank.
     beta : float, list of float, or "auto"
         UOT marginal relaxation; ``"auto"`` sweeps ``(0.1, 1.0) x`` the cost range.
-    signature : {"prob_delta", "logit_delta", "margin_delta"}
-        How effects are summarised (:mod:`pyvene_plot.signatures`).
+    signature : {"prob_delta", "logit_delta", "margin_delta"} or tuple of them
+        How effects are summarised (:mod:`pyvene_plot.signatures`); a tuple is swept and chosen
+        on the calibration bank like ε.
     top_k : tuple of int, optional
         Calibration grid of sites kept per variable; default ``(1, 2, 4, 8)`` clipped to the number
         of sites. An explicit value larger than the number of sites is an error.
@@ -103,8 +104,8 @@ class OTAlignmentSearcher:
         Seeds torch/NumPy before the search (recorded in the result).
     sided : {"one", "two"}
         UOT: relax only the sites' marginal (default) or both.
-    normalize : bool
-        L2-normalise signatures before the cost (direction only).
+    normalize : bool or tuple of bool
+        L2-normalise signatures before the cost (direction only); a tuple is swept on calibration.
     min_effect : float
         Magnitude floor on a site's RMS effect per pair; sites below it get the worst cost.
     weight_norm : {"sum", "max"}
@@ -192,8 +193,12 @@ class OTAlignmentSearcher:
     def _validate(self) -> None:
         if self.method not in METHODS:
             raise PlotError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if self.signature not in SIGNATURE_MODES:
-            raise PlotError(f"unknown signature {self.signature!r}; choose one of {SIGNATURE_MODES}")
+        for sig in self._signatures():
+            if sig not in SIGNATURE_MODES:
+                raise PlotError(f"unknown signature {sig!r}; choose one of {SIGNATURE_MODES}")
+        for nz in self._normalizations():
+            if not isinstance(nz, (bool, np.bool_)):
+                raise PlotError(f"normalize must be a bool or a tuple of bools, got {self.normalize!r}")
         _grid(self.epsilon, "epsilon")
         if self.method == "uot":
             _grid(self.beta, "beta")
@@ -212,6 +217,12 @@ class OTAlignmentSearcher:
             raise PlotError(f"sided must be 'one' or 'two', got {self.sided!r}")
         if self.min_effect < 0:
             raise PlotError(f"min_effect must be >= 0, got {self.min_effect}")
+
+    def _signatures(self) -> tuple[str, ...]:
+        return (self.signature,) if isinstance(self.signature, str) else tuple(self.signature)
+
+    def _normalizations(self) -> tuple[bool, ...]:
+        return (self.normalize,) if isinstance(self.normalize, (bool, np.bool_)) else tuple(self.normalize)
 
     def _k_grid(self, n_sites: int) -> tuple[int, ...]:
         if self.top_k is None:
@@ -310,9 +321,13 @@ class OTAlignmentSearcher:
             if [s for s in effects.sites] != sites:
                 raise PlotError("effects were collected for different sites")
             sig_time = effects.runtime_s
-        A = abstract_signatures(fit_bank, variables, effects.label_set, self.signature)
-        Ns = neural_signatures(effects, self.signature)
-        C, magnitude, floored = cost_matrix(A, Ns, len(fit_bank), self.normalize, self.min_effect)
+        variants = []  # (signature, normalize, A, N, C, magnitude, floored)
+        for sig in self._signatures():
+            A = abstract_signatures(fit_bank, variables, effects.label_set, sig)
+            Ns = neural_signatures(effects, sig)
+            for nz in self._normalizations():
+                C, magnitude, floored = cost_matrix(A, Ns, len(fit_bank), bool(nz), self.min_effect)
+                variants.append((sig, bool(nz), A, Ns, C, magnitude, floored))
         fs = effects.full_swap_scores(fit_bank, variables)
         # ---- free baseline: best single site by full-swap score on the fit bank
         baseline = {}
@@ -323,32 +338,33 @@ class OTAlignmentSearcher:
             baseline[v] = Handle(v, [sites[best]], [1.0], 1.0, readout, _bases_np(bases_t, [sites[best]]),
                                  meta={"fit_full_swap": {k: float(fs[v][k][best]) for k in fs[v]}}, model=model)
 
-        # ---- sweep
-        scale = float(C.max() - C.min())
-        eps_grid = self._epsilon_grid(scale)
-        beta_grid = self._beta_grid(scale)
+        # ---- sweep over (signature, normalize, epsilon, beta), judged on calibration only
         cache = BankCache(engine, calibration_bank)
         trials: list[dict] = []
         best_trial = None
         t_solve = t_cal = 0.0
         from tqdm.auto import tqdm
 
-        configs = [(e, b) for e in eps_grid for b in beta_grid]
+        bf_scores = np.stack([np.nan_to_num(fs[v]["balanced"], nan=0.0) for v in variables])
+        configs = []
+        for vi, var in enumerate(variants):
+            scale = float(var[4].max() - var[4].min())
+            configs += [(vi, e, b, scale) for e in self._epsilon_grid(scale) for b in self._beta_grid(scale)]
         bar = tqdm(configs, desc=f"PLOT {self.method}", leave=False, disable=not self.progress)
-        for eps, beta in bar:
-            rec: dict[str, Any] = {"epsilon": eps, "beta": beta}
+        for vi, eps, beta, scale in bar:
+            sig, nz, A, Ns, C, magnitude, floored = variants[vi]
+            rec: dict[str, Any] = {"signature": sig, "normalize": nz, "epsilon": eps, "beta": beta, "cost_range": scale}
             ts = time.perf_counter()
             try:
                 plan = solve_transport(
                     C, self.method, eps, beta, sided=self.sided, max_iter=self.max_iter, tol=self.tol,
-                    A_sig=A, N_sig=Ns, scores=np.stack([np.nan_to_num(fs[v]["balanced"], nan=0.0) for v in variables]),
-                    alpha=self.alpha,
+                    A_sig=A, N_sig=Ns, scores=bf_scores, alpha=self.alpha,
                 )
             except TransportError as exc:
                 rec["failed"] = str(exc)
                 t_solve += time.perf_counter() - ts
                 trials.append(rec)
-                logger.info("trial eps=%.3g beta=%s failed: %s", eps, beta, exc)
+                logger.info("trial %s eps=%.3g beta=%s failed: %s", sig, eps, beta, exc)
                 continue
             t_solve += time.perf_counter() - ts
             rec.update(plan.diagnostics())
@@ -359,14 +375,16 @@ class OTAlignmentSearcher:
             rec["score"] = float(np.mean([chosen[v].scores[self.selection] for v in variables]))
             trials.append(rec)
             if best_trial is None or rec["score"] > best_trial[0]["score"] + 1e-12:
-                best_trial = (rec, plan, chosen, all_cands)
+                best_trial = (rec, plan, chosen, all_cands, vi)
         bar.close()
         if best_trial is None:
             reasons = "; ".join(t.get("failed", "") for t in trials[:3])
             raise TransportError(
                 f"every transport configuration failed ({len(trials)} tried). First reasons: {reasons}"
             )
-        rec, plan, chosen, all_cands = best_trial
+        rec, plan, chosen, all_cands, vi = best_trial
+        sig, nz, A, Ns, C, magnitude, floored = variants[vi]
+        scale = rec["cost_range"]
         handles = {}
         calib = {}
         for v in variables:
@@ -389,8 +407,10 @@ class OTAlignmentSearcher:
             "solve_runtime_s": t_solve,
             "calibration_runtime_s": t_cal,
             "cost_range": scale,
-            "epsilon_grid": list(eps_grid),
-            "beta_grid": [b for b in beta_grid],
+            "signature_grid": list(self._signatures()),
+            "normalize_grid": list(self._normalizations()),
+            "epsilon_grid": list(self._epsilon_grid(scale)),
+            "beta_grid": list(self._beta_grid(scale)),
             "top_k_grid": list(k_grid),
             "lambda_grid": list(lambdas),
             "site_magnitude": magnitude.tolist(),
@@ -403,7 +423,7 @@ class OTAlignmentSearcher:
         }
         result = AlignmentResult(
             variables=variables, sites=sites, coupling=plan.coupling, cost=C, handles=handles, baseline=baseline,
-            runtime_s=runtime, method=self.method, epsilon=plan.epsilon, beta=plan.beta, signature=self.signature,
+            runtime_s=runtime, method=self.method, epsilon=plan.epsilon, beta=plan.beta, signature=sig,
             trials=trials, calibration=calib, diagnostics=diagnostics, config=self.get_params(),
             bases={k: v.numpy() for k, v in bases_t.items()}, model=model,
         )

@@ -155,6 +155,14 @@ def test_heq_causal_model_matches_definition():
     assert cm.pos is not cm2.pos
 
 
+def test_heq_training_that_misses_accuracy_raises():
+    from pyvene_plot.errors import ModelError
+    from pyvene_plot.tasks.heq import train_heq_model
+
+    with pytest.raises(ModelError, match="did not reach held-out accuracy"):
+        train_heq_model(seed=0, steps=5, max_attempts=2, n_heldout=500)
+
+
 def test_balanced_sampler_is_balanced():
     import random
 

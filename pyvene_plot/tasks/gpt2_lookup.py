@@ -18,6 +18,15 @@ The model predicts the answer token ``s0..s8`` (the sum) at the last position. H
 Interchanging ``V1`` (``V2``) changes the output whenever the source's looked-up value differs
 from the base's, i.e. on about 80% of random pairs (the bank builder reserves a share anyway).
 
+Model and training
+------------------
+``GPT2LMHeadModel`` from a config: 2 layers, d=64, 4 heads, MLP 256, learned positions, eager
+attention, no dropout, vocabulary of 19 tokens. Trained in-process with AdamW (lr 3e-3, one-cycle)
+for 400 steps of 128 sequences, cross-entropy on the next-token prediction of the answer at the
+last position only. A fixed 20% of the 78,125 possible inputs is held out and never trained on.
+Seeds 0, 1, 2: held-out accuracy 1.000; 4-7 s of training on an idle 2-thread CPU (it slows
+down several-fold when the two cores are shared with other jobs).
+
 Where the variables live (verification, not computed at load time)
 ------------------------------------------------------------------
 Measured with a standalone script (``block_output`` = residual stream after each block; the
@@ -33,15 +42,15 @@ Measured with a standalone script (``block_output`` = residual stream after each
 The floor (.13) is the share of pairs whose counterfactual label equals the base label (the
 interchange at that site has no effect on the answer); seeds 1 and 2 give the same picture
 (floors .11-.14, 1.000 at the same sites). The first layer's attention does the lookup at each
-pointer's own position (one head serves both pointers); the second layer copies ``V1`` from
-position 5 to the last position and its MLP adds, so the last layer's block output carries only
-the sum. ``V1`` lives at ``L0@5`` and ``V2`` at ``L0@6``. DAS (``LowRankRotatedSpaceIntervention``,
+pointer's own position (the same layer-0 heads attend, with weight ~0.9-1.0, from each pointer to
+the slot it names); the second layer attends from the last position to position 5 (copying
+``V1``) and its MLP adds, so the last layer's block output carries only the sum. ``V1`` lives at ``L0@5`` and ``V2`` at ``L0@6``. DAS (``LowRankRotatedSpaceIntervention``,
 rank 4, 5 epochs on the fit bank, Adam lr 1e-2, batch 50) at every one of the 14 sites, test IIA
 at the best site (best other site in brackets)::
 
-    seed 0:  V1 L0@5 0.982 (0.171)   V2 L0@6 1.000 (0.146)
-    seed 1:  V1 L0@5 1.000 (0.169)   V2 L0@6 1.000 (0.165)
-    seed 2:  V1 L0@5 0.999 (0.172)   V2 L0@6 1.000 (0.162)
+    seed 0:  V1 L0@5 1.000 (0.159)   V2 L0@6 1.000 (0.169)
+    seed 1:  V1 L0@5 1.000 (0.185)   V2 L0@6 1.000 (0.145)
+    seed 2:  V1 L0@5 1.000 (0.168)   V2 L0@6 1.000 (0.185)
 
 Note for progressive schedules: ``V1`` never sits at the last token as a separate variable, so a
 ``layer`` stage restricted to the last token cannot see it; it is found by the ``position`` stage
@@ -101,8 +110,8 @@ GPT2_LOOKUP_VERIFICATION: dict[str, Any] = {
                "L1": [0.128, 0.128, 0.128, 0.128, 0.128, 0.128, 0.131]},
     },
     "full_swap_iia_best_site": {"V1": [1.0, 1.0, 1.0], "V2": [1.0, 1.0, 1.0]},  # seeds 0, 1, 2
-    "das_rank4_iia_best_site": {"V1": [0.982, 1.0, 0.999], "V2": [1.0, 1.0, 1.0]},  # seeds 0, 1, 2
-    "das_rank4_iia_best_other_site": {"V1": [0.171, 0.169, 0.172], "V2": [0.146, 0.165, 0.162]},
+    "das_rank4_iia_best_site": {"V1": [1.0, 1.0, 1.0], "V2": [1.0, 1.0, 1.0]},  # seeds 0, 1, 2
+    "das_rank4_iia_best_other_site": {"V1": [0.159, 0.185, 0.168], "V2": [0.169, 0.145, 0.185]},
 }
 
 
@@ -190,7 +199,7 @@ def accuracy(model: torch.nn.Module, ids: torch.Tensor, batch: int = 8192) -> fl
     return hits / len(ids)
 
 
-def train_model(seed: int = 0, steps: int = 400, batch_size: int = 256, lr: float = 3e-3,
+def train_model(seed: int = 0, steps: int = 400, batch_size: int = 128, lr: float = 3e-3,
                 heldout_fraction: float = 0.2, **model_kw: Any):
     """Train in-process; returns ``(model, info)``. Global RNG state is left untouched.
 
