@@ -38,6 +38,10 @@ class Stage:
     positions : tuple of int, optional
         Candidate positions for ``layer``/``position`` stages; default: last token for ``layer``,
         every position of the shortest fit example for ``position``.
+    top_k, lambdas : tuple, optional
+        Calibration grids for this stage. Coarse stages default to ``top_k=(1,)``, ``lambdas=(1.0,)``
+        (a full swap of one site: only the choice of site matters there, as in the reference's
+        Stage A); fine stages default to the searcher's grids.
     """
 
     kind: str
@@ -47,6 +51,8 @@ class Stage:
     method: str | None = None
     component: str = "block_output"
     positions: tuple[int, ...] | None = None
+    top_k: tuple[int, ...] | None = None
+    lambdas: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
@@ -284,7 +290,14 @@ class ProgressiveScheduler:
             bases.update(stage_bases)
             extra.append(_time.perf_counter() - t_extra if st.kind == "pca" else 0.0)
             method = st.method or ("uot" if st.kind in COARSE_KINDS else self.searcher.method)
-            searcher = self.searcher.clone(method=method)
+            overrides = {"method": method}
+            if st.kind in COARSE_KINDS:
+                overrides.update(top_k=(1,), lambdas=(1.0,))
+            if st.top_k is not None:
+                overrides["top_k"] = tuple(st.top_k)
+            if st.lambdas is not None:
+                overrides["lambdas"] = tuple(st.lambdas)
+            searcher = self.searcher.clone(**overrides)
             if searcher.top_k is not None:
                 n_support = min(len(a) for a in allowed.values())
                 ks = (searcher.top_k,) if _np.isscalar(searcher.top_k) else tuple(searcher.top_k)

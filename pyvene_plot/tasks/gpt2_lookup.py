@@ -59,6 +59,7 @@ inside layer 0.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -276,7 +277,7 @@ def build(seed: int = 0, n_fit: int = 1000, n_calibration: int = 500, n_test: in
         "model_config": {"n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
                          "n_head": model.config.n_head},
         "seed": int(seed),
-        "verification": GPT2_LOOKUP_VERIFICATION,
+        "verification": copy.deepcopy(GPT2_LOOKUP_VERIFICATION),
     })
     return Task(
         name="gpt2_lookup",
@@ -286,7 +287,14 @@ def build(seed: int = 0, n_fit: int = 1000, n_calibration: int = 500, n_test: in
         calibration=cal,
         test=test,
         sites=layer_sites(model, component="block_output", positions=list(range(SEQ_LEN))),
-        default_stages=[Stage("layer"), Stage("position"), Stage("coordinates", group_sizes=(16, 4))],
+        # V1 lives at the first pointer token, not at the last token: the layer stage scores every
+        # (layer, position) site and keeps the layer of the best one; the position stage then
+        # searches every position inside that layer.
+        default_stages=[
+            Stage("layer", positions=tuple(range(SEQ_LEN))),
+            Stage("position"),
+            Stage("coordinates", group_sizes=(16, 4)),
+        ],
         readout=Readout(position="last", label_tokens=ANSWER_TOKENS),
         causal_model=cm,
         info=info,
