@@ -76,9 +76,11 @@ def inputs_to(x: Inputs, device: torch.device | str) -> Inputs:
 
 def _same_structure(a: Inputs, b: Inputs) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape[1:] == b.shape[1:]
+        return a.shape[1:] == b.shape[1:] and a.dtype.is_floating_point == b.dtype.is_floating_point
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return set(a) == set(b)
+        return set(a) == set(b) and all(
+            a[k].dtype.is_floating_point == b[k].dtype.is_floating_point for k in a
+        )
     return False
 
 
@@ -146,7 +148,7 @@ class PairBank:
         if not _same_structure(base, source):
             raise BankError(
                 f"bank {self.name!r}: base and source inputs differ in structure "
-                "(dict keys or trailing tensor shape); they must be built the same way"
+                "(dict keys, trailing tensor shape, or integer ids vs float embeddings); they must be built the same way"
             )
         base_labels = _as_labels(base_labels, f"bank {self.name!r} base_labels")
         if base_labels.dim() != 1 or base_labels.shape[0] != n_base:
@@ -160,7 +162,7 @@ class PairBank:
             )
         cf: dict[str, torch.Tensor] = {}
         for var, lab in counterfactual_labels.items():
-            if lab is None or (hasattr(lab, "__len__") and len(lab) == 0):
+            if lab is None or torch.as_tensor(lab).numel() == 0:
                 raise BankError(
                     f"bank {self.name!r}: variable {var!r} has no counterfactual labels; "
                     f"pass a LongTensor of shape ({n_base},) or drop the variable"

@@ -758,6 +758,17 @@ def _candidate_seed(seed: int, spec_index: int, k: int, variable_index: int) -> 
     return int(np.random.SeedSequence([int(seed) % (2**32), spec_index, k, variable_index]).generate_state(1)[0])
 
 
+def _better(score: float, k: int, spec_index: int, current: tuple | None) -> bool:
+    """Selection order: higher calibration score; ties (within 1e-12) go to smaller k, then earlier spec."""
+    score = -math.inf if score != score else float(score)
+    if current is None:
+        return True
+    best = current[0]
+    if score > best + 1e-12:
+        return True
+    return abs(score - best) <= 1e-12 and (k, spec_index) < (current[1], current[2])
+
+
 class _Stopper:
     """Early stopping on the epoch's mean training loss (relative improvement over the best)."""
 
@@ -1165,8 +1176,7 @@ def run_das(
             candidates.append(row)
             score = cal[selection]
             score = -math.inf if score != score else float(score)
-            cur = best.get(v)
-            if cur is None or score > cur[0] + 1e-12 or (abs(score - cur[0]) <= 1e-12 and (k, si) < (cur[1], cur[2])):
+            if _better(score, int(k), si, best.get(v)):
                 best[v] = (score, int(k), si, len(candidates) - 1, site)
             logger.info("DAS %s %s k=%d: %d epochs, loss %.4f, cal %s %.3f (%.2fs)", v, spec.label, k, len(hist),
                         hist[-1], selection, score, train_s)

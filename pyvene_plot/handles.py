@@ -25,10 +25,10 @@ import torch
 
 from .banks import Inputs, PairBank, inputs_len
 from .engine import as_model_kwargs, model_device, _seq_len
-from .errors import ModelError, PlotError, SiteError
+from .errors import BankError, ModelError, PlotError, SiteError
 from .interventions import SoftInterchangeIntervention, SoftSpanInterchangeIntervention, intervention_position
 from .readout import Readout
-from .sites import Site, model_spec, resolve_positions
+from .sites import Site, model_spec, resolve_positions, validate_sites
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class Handle:
     def representations(self, model: torch.nn.Module | None = None) -> list[pv.RepresentationConfig]:
         """One pyvene ``RepresentationConfig`` per unit, each holding a fresh PLOT intervention."""
         m = self._model(model)
-        spec = model_spec(m)
+        spec = validate_sites(m, self.sites, {k: int(np.asarray(v).shape[0]) for k, v in self.bases.items()})
         widths = self._widths(m)
         reps = []
         for unit, w in self.unit_weights(widths).items():
@@ -214,7 +214,13 @@ class Handle:
     def scores(self, bank: PairBank, model: torch.nn.Module | None = None) -> dict[str, float]:
         """IIA on ``bank`` for this handle's variable: all pairs, sensitive, invariant, balanced."""
         bank.check_variables([self.variable])
-        preds = self.run(bank.base, bank.source, model).argmax(-1)
+        logits = self.run(bank.base, bank.source, model)
+        if bank.max_label() >= logits.shape[1]:
+            raise BankError(
+                f"bank {bank.name!r} holds label {bank.max_label()} but the readout gives {logits.shape[1]} "
+                "classes; labels must index the model's output classes"
+            )
+        preds = logits.argmax(-1)
         return iia_scores(preds, bank.labels(self.variable), bank.changed(self.variable))
 
     def iia(self, bank: PairBank, model: torch.nn.Module | None = None) -> float:

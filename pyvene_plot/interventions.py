@@ -133,7 +133,8 @@ class SoftInterchangeIntervention(pv.TrainableIntervention, pv.LocalistRepresent
         d = base.shape[-1]
         coef = _coefficients(self.strength * self.weight, subspaces, base.shape[0], d, base.device, base.dtype)
         coef = _broadcast_rows(coef, base)
-        return base + coef * (source.to(base.dtype) - base)
+        # lerp is exact at coef = 1 (returns the source), so λ = 1, w = 1 equals a vanilla interchange bit for bit
+        return torch.lerp(base, source.to(base.dtype), coef.expand_as(base))
 
     def __str__(self) -> str:
         return f"SoftInterchangeIntervention(strength={float(self.strength):g}, nonzero={int((self.weight != 0).sum())})"

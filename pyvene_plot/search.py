@@ -329,6 +329,12 @@ class OTAlignmentSearcher:
                 C, magnitude, floored = cost_matrix(A, Ns, len(fit_bank), bool(nz), self.min_effect)
                 variants.append((sig, bool(nz), A, Ns, C, magnitude, floored))
         fs = effects.full_swap_scores(fit_bank, variables)
+        n_classes = int(effects.base_logits.shape[1])
+        if calibration_bank.max_label() >= n_classes:
+            raise BankError(
+                f"bank {calibration_bank.name!r} holds label {calibration_bank.max_label()} but the readout "
+                f"gives {n_classes} classes; labels must index the model's output classes"
+            )
         # ---- free baseline: best single site by full-swap score on the fit bank
         baseline = {}
         for v in variables:

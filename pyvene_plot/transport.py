@@ -3,7 +3,8 @@
 =================  =====================================================================================
 method             solver
 =================  =====================================================================================
-``"ot"``           balanced entropic OT, POT ``ot.bregman.sinkhorn_log`` (log-domain: no kernel underflow)
+``"ot"``           balanced entropic OT, POT ``ot.bregman.sinkhorn_log`` (log-domain: no kernel underflow),
+                   warm-started along a geometric ε path
 ``"uot"``          unbalanced entropic OT, POT ``ot.unbalanced.sinkhorn_unbalanced``. One-sided by default:
                    the variables' marginal is exact (``reg_m=(inf, beta)``) and the sites' marginal is
                    KL-relaxed, so each variable's mass goes where *its own* cost is low instead of being
@@ -112,7 +113,10 @@ def _normalized_entropy(P: np.ndarray) -> float:
     return float(np.mean(H) / np.log(S))
 
 
-def _check_plan(P: np.ndarray, C: np.ndarray, method: str, eps: float, row_target: np.ndarray | None) -> None:
+def _check_plan(
+    P: np.ndarray, C: np.ndarray, method: str, eps: float, row_target: np.ndarray | None,
+    col_target: np.ndarray | None = None,
+) -> None:
     scale = float(C.max() - C.min())
     if not np.all(np.isfinite(P)):
         raise TransportError(
@@ -127,6 +131,13 @@ def _check_plan(P: np.ndarray, C: np.ndarray, method: str, eps: float, row_targe
             raise TransportError(
                 f"{method} plan violates the variables' marginal by {err:.2e} at epsilon={eps:.3g} "
                 f"(cost range {scale:.3g}); the solver did not converge — use a larger epsilon"
+            )
+    if col_target is not None:
+        err = float(np.abs(P.sum(0) - col_target).max())
+        if err > 1e-6:
+            raise TransportError(
+                f"{method} plan violates the sites' marginal by {err:.2e} at epsilon={eps:.3g} (cost range "
+                f"{scale:.3g}): the solver did not converge — use a larger epsilon or more iterations"
             )
     if P.shape[1] > 1:
         row_spread = C.max(1) - C.min(1)
@@ -190,13 +201,11 @@ def solve_transport(
     n_iter, converged = 0, True
     underflow = float(np.mean(C - C.min(1, keepdims=True) > 700.0 * eps))
     row_target: np.ndarray | None = a
+    col_target: np.ndarray | None = None
     if method == "ot":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            P, log = ot.bregman.sinkhorn_log(a, b, C, reg=eps, numItermax=max_iter, stopThr=tol, log=True, warn=True)
-        n_iter = int(log.get("niter", 0))
-        converged = not any("did not converge" in str(w.message) for w in caught)
+        P, n_iter, converged = _ot_continuation(a, b, C, eps, max_iter, tol)
         beta_used = None
+        col_target = b
     elif method == "uot":
         if beta is None or not np.isfinite(beta) or beta <= 0:
             raise TransportError(f"uot needs a positive beta (marginal relaxation), got {beta!r}")
@@ -230,6 +239,7 @@ def solve_transport(
         n_iter = len(log.get("err", [])) * 10
         converged = not any("did not converge" in str(w.message) for w in caught)
         beta_used = None
+        col_target = b
     elif method == "cosine":
         if A_sig is None or N_sig is None:
             raise TransportError("cosine needs the abstract and neural signatures")
@@ -246,7 +256,7 @@ def solve_transport(
     if method in ("cosine", "bruteforce"):
         _check_plan(P, -np.asarray(scores if method == "bruteforce" else P), method, eps, a)
     else:
-        _check_plan(P, C, method, eps, row_target)
+        _check_plan(P, C, method, eps, row_target, col_target)
     return TransportPlan(
         coupling=P,
         method=method,
@@ -260,6 +270,29 @@ def solve_transport(
         normalized_entropy=_normalized_entropy(P),
         underflow_fraction=underflow,
     )
+
+
+def _ot_continuation(
+    a: np.ndarray, b: np.ndarray, C: np.ndarray, eps: float, max_iter: int, tol: float, factor: float = 2.0
+) -> tuple[np.ndarray, int, bool]:
+    """POT log-domain Sinkhorn (``sinkhorn_log``) warm-started along a geometric ε path ending at ``eps``."""
+    start = max(float(C.max() - C.min()), eps)
+    path = [start]
+    while path[-1] > eps:
+        path.append(max(path[-1] / factor, eps))
+    ws, prev, total, converged, P = None, None, 0, True, None
+    for e in path:
+        if ws is not None:
+            ws = (ws[0] * prev / e, ws[1] * prev / e)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            P, log = ot.bregman.sinkhorn_log(a, b, C, reg=e, numItermax=max_iter, stopThr=tol, log=True,
+                                             warn=True, warmstart=ws)
+        total += int(log.get("niter", 0))
+        converged = not any("did not converge" in str(w.message) for w in caught)
+        ws = (log["log_u"], log["log_v"])
+        prev = e
+    return P, total, converged
 
 
 def _uot_continuation(
