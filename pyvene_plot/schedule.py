@@ -135,7 +135,8 @@ class Localization:
         Total wall time: all stages plus PCA fits.
     """
 
-    def __init__(self, model, variables, stages, kept, kept_reason, bases, runtime_s, stage_specs, extra_s):
+    def __init__(self, model, variables, stages, kept, kept_reason, bases, runtime_s, stage_specs, extra_s,
+                 candidates=None, pca_info=None):
         self.model = model
         self.variables = list(variables)
         self.stages: list[AlignmentResult] = stages
@@ -145,6 +146,10 @@ class Localization:
         self.runtime_s = runtime_s
         self.stage_specs: list[Stage] = stage_specs
         self.extra_s = extra_s
+        #: per stage, ``variable -> list of Site`` it was allowed to use
+        self.candidates: list[dict[str, list[Site]]] = candidates or []
+        #: per PCA basis: number of states it was fitted on and its rank
+        self.pca_info: dict[str, dict] = pca_info or {}
 
     def __repr__(self) -> str:
         kinds = "→".join(s.kind for s in self.stage_specs)
@@ -212,6 +217,8 @@ class Localization:
             "runtime_s": self.runtime_s,
             "stage_runtime_s": [r.runtime_s for r in self.stages],
             "pca_runtime_s": self.extra_s,
+            "pca_info": self.pca_info,
+            "n_candidates": [{v: len(c) for v, c in cs.items()} for cs in self.candidates],
         }
 
     def to_json(self, path) -> object:
@@ -281,13 +288,15 @@ class ProgressiveScheduler:
                     f"stage kind 'position' needs a model with token positions; {spec.model_type.__name__} has none "
                     "(use 'layer' then 'coordinates' or 'pca')"
                 )
-        results, kept_all, reasons_all, extra = [], [], [], []
+        results, kept_all, reasons_all, extra, cands_all = [], [], [], [], []
         bases: dict[str, _np.ndarray] = {}
+        self._pca_info: dict[str, dict] = {}
         kept: dict[str, list[Site]] | None = None
         for i, st in enumerate(self.stages):
             t_extra = _time.perf_counter()
             cands, allowed, stage_bases = self._candidates(st, model, spec, fit_bank, kept, variables)
             bases.update(stage_bases)
+            cands_all.append({v: [cands[j] for j in allowed[v]] for v in variables})
             extra.append(_time.perf_counter() - t_extra if st.kind == "pca" else 0.0)
             method = st.method or ("uot" if st.kind in COARSE_KINDS else self.searcher.method)
             overrides = {"method": method}
@@ -312,7 +321,8 @@ class ProgressiveScheduler:
             kept_all.append(kept)
             reasons_all.append(reasons)
         runtime = _time.perf_counter() - t0
-        return Localization(model, variables, results, kept_all, reasons_all, bases, runtime, self.stages, extra)
+        return Localization(model, variables, results, kept_all, reasons_all, bases, runtime, self.stages, extra,
+                            candidates=cands_all, pca_info=dict(self._pca_info))
 
     # ------------------------------------------------------------------------------------
     @staticmethod
@@ -377,6 +387,8 @@ class ProgressiveScheduler:
                         acts = _site_activations(model, par, bank)
                         V, _mean, _var = fit_pca_basis(acts)
                         stage_bases[key] = V
+                        self._pca_info[key] = {"n_states": int(acts.shape[0]), "rank": int(V.shape[0]),
+                                               "states": "fit-bank bases and sources at the kept site"}
                         _log.info("PCA basis %s fitted on %d states (rank %d)", key, acts.shape[0], V.shape[0])
                     r = stage_bases[key].shape[0]
                     nb = min(st.bands, r)
