@@ -15,6 +15,16 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a banner on imp
 
 from . import tasks
 from .banks import PairBank
+from .das import (
+    DASBest,
+    DASHandle,
+    DASResult,
+    DASSpec,
+    LowRankDASIntervention,
+    SupportRotatedSpaceIntervention,
+    full_das_specs,
+    run_das,
+)
 from .engine import InterchangeEngine
 from .errors import BankError, ModelError, PlotError, SignatureError, SiteError, TransportError
 from .handles import Handle, run_intervenable, unit_locations_for
@@ -40,6 +50,14 @@ except Exception:  # pragma: no cover
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "DASBest",
+    "DASHandle",
+    "DASResult",
+    "DASSpec",
+    "LowRankDASIntervention",
+    "SupportRotatedSpaceIntervention",
+    "full_das_specs",
+    "run_das",
     "AlignmentResult",
     "BankError",
     "BitsReadout",

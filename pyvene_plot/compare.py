@@ -207,6 +207,7 @@ def compare(
     if "plot_das" in methods:
         das = run_das(model, guided_specs, task.fit, task.calibration, variables, **das_kwargs)
         details["plot_das"] = das.to_dict()
+        details["trainer"] = das.trainer
         add_rows("plot_das", {v: das.best[v].scores(task.test) for v in variables}, loc.runtime_s + das.runtime_s,
                  loc.n_sites_evaluated(), das.n_trained, {v: das.best[v].describe() for v in variables})
     if "full_das" in methods:
@@ -215,6 +216,7 @@ def compare(
         if spec.has_positions:
             positions = tuple(range(_min_real_length(task.fit)))
         fspecs = full_das_specs(model, component=stages[0].component, positions=positions, subspace_sizes=sizes)
+        details["full_das_n_specs"] = len(fspecs)
         full = run_das(model, fspecs, task.fit, task.calibration, variables, **das_kwargs)
         details["full_das"] = full.to_dict()
         add_rows("full_das", {v: full.best[v].scores(task.test) for v in variables}, full.runtime_s,

@@ -43,7 +43,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,29 +54,30 @@ import torch.nn.functional as F
 from pyvene.models.layers import LowRankRotateLayer
 from torch.nn.utils import parametrize
 
-from .banks import Inputs, PairBank, inputs_len
+from .banks import Inputs, PairBank
 from .calibration import SELECTION_RULES
 from .engine import InterchangeEngine, as_model_kwargs, model_device
 from .errors import ModelError, PlotError, SiteError
 from .handles import iia_scores, run_intervenable
-from .interventions import _register_position, intervention_position
-from .readout import Readout, raw_logits
+from .interventions import _register_position
+from .readout import Readout
 from .sites import Site, model_spec
 from .utils import atomic_write_json, package_versions
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DASSpec",
-    "DASHandle",
+    "TRAINERS",
     "DASBest",
+    "DASHandle",
     "DASResult",
+    "DASSpec",
     "LowRankDASIntervention",
     "SupportRotatedSpaceIntervention",
+    "auto_lr",
     "clip_sizes",
     "full_das_specs",
     "run_das",
-    "TRAINERS",
 ]
 
 TRAINERS = ("auto", "loop", "pyvene")
@@ -442,7 +443,7 @@ class DASSpec:
 
     @classmethod
     def from_site(cls, site: Site, variable: str | None = None, basis: np.ndarray | None = None,
-                  subspace_sizes: Sequence[int] = (1,), source: str = "") -> "DASSpec":
+                  subspace_sizes: Sequence[int] = (1,), source: str = "") -> DASSpec:
         """A spec on a :class:`pyvene_plot.Site` (``basis``: the matrix behind ``site.basis``)."""
         if site.basis is not None and basis is None:
             raise PlotError(f"site {site.label} lives in basis {site.basis!r}; pass basis= (its (r, d) matrix)")
@@ -464,7 +465,7 @@ class DASSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "DASSpec":
+    def from_dict(cls, d: Mapping) -> DASSpec:
         dims = d.get("dims")
         basis = d.get("basis")
         return cls(
@@ -628,7 +629,7 @@ class DASHandle:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, model: torch.nn.Module) -> "DASHandle":
+    def load(cls, directory: str | Path, model: torch.nn.Module) -> DASHandle:
         """Inverse of :meth:`save` (uses ``pyvene.IntervenableModel.load``)."""
         directory = Path(directory)
         d = json.loads((directory / "das_handle.json").read_text())
@@ -760,7 +761,7 @@ def _candidate_seed(seed: int, spec_index: int, k: int, variable_index: int) -> 
 
 def _better(score: float, k: int, spec_index: int, current: tuple | None) -> bool:
     """Selection order: higher calibration score; ties (within 1e-12) go to smaller k, then earlier spec."""
-    score = -math.inf if score != score else float(score)
+    score = -math.inf if math.isnan(score) else float(score)
     if current is None:
         return True
     best = current[0]
@@ -1104,7 +1105,7 @@ def run_das(
     widths = [_validate_spec(s, mspec) for s in specs]
     variables = _resolve_variables(specs, fit_bank, calibration_bank, variables)
 
-    problem = _pyvene_trainer_problem(model, fit_bank) if trainer in ("auto", "pyvene") else "not requested"
+    problem = _pyvene_trainer_problem(model, fit_bank) if trainer in ("auto", "pyvene") else None
     if trainer == "pyvene" and problem is not None:
         raise PlotError(
             f"trainer='pyvene' cannot run here: {problem}. pyvene's IntervenableModel.train_alignment only "
@@ -1175,7 +1176,7 @@ def run_das(
             }
             candidates.append(row)
             score = cal[selection]
-            score = -math.inf if score != score else float(score)
+            score = -math.inf if math.isnan(score) else float(score)
             if _better(score, int(k), si, best.get(v)):
                 best[v] = (score, int(k), si, len(candidates) - 1, site)
             logger.info("DAS %s %s k=%d: %d epochs, loss %.4f, cal %s %.3f (%.2fs)", v, spec.label, k, len(hist),

@@ -13,11 +13,10 @@ import textwrap
 
 import numpy as np
 import pytest
+import pyvene as pv
 import torch
 
-import pyvene as pv
 import pyvene_plot as pp
-import pyvene_plot.tasks  # noqa: F401
 from pyvene_plot import das as D
 from pyvene_plot.engine import as_model_kwargs
 from pyvene_plot.readout import Readout
@@ -289,7 +288,8 @@ def test_pyvene_train_alignment_path_on_gpt2_matches_loop(gpt):
     model, readout, fit, cal = gpt
     specs = [D.DASSpec(None, 1, position=-1, subspace_sizes=(2,)),
              D.DASSpec("A", 0, position=4, dims=tuple(range(8)), subspace_sizes=(2,))]
-    kw = dict(readout=readout, epochs=3, min_epochs=3, batch_size=32, progress=False, seed=5, lr=0.02)
+    kw = {"readout": readout, "epochs": 3, "min_epochs": 3, "batch_size": 32, "progress": False, "seed": 5,
+          "lr": 0.02}
     auto = D.run_das(model, specs, fit, cal, **kw)
     assert auto.trainer == "pyvene" and all(c["trainer"] == "pyvene" for c in auto.candidates)
     assert auto.n_trained == 3  # shared spec x {A, B} + the A-only spec
@@ -303,7 +303,7 @@ def test_pyvene_train_alignment_path_on_gpt2_matches_loop(gpt):
         assert a["calibration"] == b["calibration"]
     # padded banks do not fit train_alignment (no attention_mask): auto falls back, explicit raises
     padded = _token_bank(48, "fit", 3, padded=True)
-    res = D.run_das(model, specs[:1], padded, cal, variables=["A"], **dict(kw, epochs=1, min_epochs=1))
+    res = D.run_das(model, specs[:1], padded, cal, variables=["A"], **{**kw, "epochs": 1, "min_epochs": 1})
     assert res.trainer == "loop" and "padded" in res.settings["pyvene_trainer_unavailable"]
     with pytest.raises(pp.PlotError, match="padded"):
         D.run_das(model, specs[:1], padded, cal, variables=["A"], trainer="pyvene", **kw)
@@ -351,5 +351,5 @@ def test_save_load_roundtrip_fresh_process(planted, tmp_path):
         assert torch.equal(got, want), (got - want).abs().max()
         print("ROUNDTRIP_OK")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert "ROUNDTRIP_OK" in out.stdout, out.stderr[-2000:]
