@@ -118,7 +118,7 @@ def compare(
     searcher: OTAlignmentSearcher | None = None,
     stages: list | None = None,
     keep: int = 1,
-    subspace_sizes: tuple[int, ...] | None = None,
+    subspace_sizes: tuple[int, ...] | None = (1, 2, 4, 8),
     das_kwargs: dict | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -139,8 +139,9 @@ def compare(
     keep : int
         Sites kept per variable per stage.
     subspace_sizes : tuple of int, optional
-        DAS size grid shared by guided and Full DAS; default: the guided specs' sizes (derived
-        from the support widths), and Full DAS uses the same values.
+        DAS size grid shared by guided and Full DAS (clipped to each support width); default
+        ``(1, 2, 4, 8)``. ``None`` derives the guided sizes from the support widths and gives Full
+        DAS the union of them.
     das_kwargs : dict, optional
         Passed to both :func:`~pyvene_plot.das.run_das` calls (epochs, lr, batch size, ...), so
         both sides use the same trainer settings.

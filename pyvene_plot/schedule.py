@@ -170,42 +170,69 @@ class Localization:
         """Transport-only IIA of a stage's handles (default: the last stage)."""
         return self.stages[stage].evaluate(bank, detail=detail)
 
-    def das_specs(self, subspace_sizes: _Sequence[int] | None = None, stage: int = -1) -> list:
-        """Narrowed :class:`~pyvene_plot.das.DASSpec` per variable for pyvene DAS training.
+    def das_specs(self, subspace_sizes: _Sequence[int] | None = None, stage: int = -1,
+                  include_handle: bool = True, include_parent: bool = True) -> list:
+        """Narrowed :class:`~pyvene_plot.das.DASSpec` menu per variable for pyvene DAS training.
 
-        Each variable gets one spec at the layer/position of its kept sites. After a
-        ``coordinates`` stage the support is the union of the kept coordinate groups; after a
-        ``pca`` stage it is the span of the union of kept PCA bands; after a ``layer`` or
-        ``position`` stage it is the whole vector. The subspace sizes default to powers of two up
-        to the support width (and the width itself, capped at 8 values).
+        Per variable, at most three supports (deduplicated), among which :func:`~pyvene_plot.run_das`
+        chooses on the calibration bank:
+
+        1. ``kept``: the union of the sites the stage kept (after a ``coordinates`` stage the
+           union of the kept coordinate groups; after ``pca`` the span of the kept bands; after
+           ``layer``/``position`` the whole vector);
+        2. ``handle``: the union of the sites of the stage's calibrated handle, per hook;
+        3. ``parent``: the whole vector at the hook of the kept sites (the coarse site the fine
+           stage refined), the reference's fallback support.
+
+        Subspace sizes default to powers of two below the support width plus the width (at most
+        8 values); pass ``subspace_sizes`` to use one grid everywhere (clipped to each width).
         """
         from .das import DASSpec
 
-        res = self.stages[stage]
-        specs = []
-        for v in self.variables:
-            kept = self.kept[stage if stage >= 0 else len(self.kept) + stage][v]
+        st_i = stage if stage >= 0 else len(self.stages) + stage
+        res = self.stages[st_i]
+        kind = self.stage_specs[st_i].kind
+        specs, seen = [], set()
+
+        def add(v, layer, comp, pos, basis, dims, tag):
+            if basis is not None:
+                V = _np.asarray(res.bases[basis])
+                rows = list(dims) if dims is not None else list(range(V.shape[0]))
+                width = len(rows)
+                spec_basis, spec_dims, key_b = V[rows], None, (basis, tuple(rows))
+            else:
+                full = model_spec(self.model).dim(comp)
+                if dims is not None and tuple(dims) == tuple(range(full)):
+                    dims = None  # a support covering every coordinate is the whole vector
+                width = len(dims) if dims is not None else full
+                spec_basis, spec_dims, key_b = None, (tuple(dims) if dims is not None else None), None
+            key = (v, layer, comp, pos, spec_dims, key_b)
+            if key in seen:
+                return
+            seen.add(key)
+            sizes = tuple(subspace_sizes) if subspace_sizes is not None else default_sizes(width)
+            sizes = tuple(k for k in sizes if k <= width) or (width,)
+            specs.append(DASSpec(variable=v, layer=layer, component=comp, position=pos, dims=spec_dims,
+                                 basis=spec_basis, subspace_sizes=sizes, source=f"plot:{kind}:{tag}"))
+
+        def grouped(sites):
             by_unit: dict[tuple, list[Site]] = {}
-            for s in kept:
+            for s in sites:
                 by_unit.setdefault((s.layer, s.component, s.position, s.basis), []).append(s)
-            for (layer, comp, pos, basis), group in by_unit.items():
-                if any(s.dims is None for s in group):
-                    dims = None
-                else:
-                    dims = tuple(sorted({d for s in group for d in s.dims}))
-                if basis is not None:
-                    V = _np.asarray(res.bases[basis])
-                    rows = list(dims) if dims is not None else list(range(V.shape[0]))
-                    width = len(rows)
-                    spec_basis, spec_dims = V[rows], None
-                else:
-                    width = len(dims) if dims is not None else model_spec(self.model).dim(comp)
-                    spec_basis, spec_dims = None, dims
-                sizes = tuple(subspace_sizes) if subspace_sizes is not None else default_sizes(width)
-                sizes = tuple(k for k in sizes if k <= width) or (width,)
-                specs.append(DASSpec(variable=v, layer=layer, component=comp, position=pos, dims=spec_dims,
-                                     basis=spec_basis, subspace_sizes=sizes,
-                                     source=f"plot:{self.stage_specs[stage].kind}"))
+            for unit, group in by_unit.items():
+                dims = None if any(s.dims is None for s in group) else tuple(sorted({d for s in group for d in s.dims}))
+                yield unit, dims
+
+        for v in self.variables:
+            kept = self.kept[st_i][v]
+            for (layer, comp, pos, basis), dims in grouped(kept):
+                add(v, layer, comp, pos, basis, dims, "kept")
+            if include_handle:
+                for (layer, comp, pos, basis), dims in grouped(res.handles[v].sites):
+                    add(v, layer, comp, pos, basis, dims, "handle")
+            if include_parent:
+                for (layer, comp, pos, _basis), _dims in grouped(kept):
+                    add(v, layer, comp, pos, None, None, "parent")
         return specs
 
     def to_dict(self) -> dict:

@@ -62,12 +62,19 @@ def test_timestep_stage_puts_carries_at_their_timestep(binary_loc):
 def test_das_specs_restricted_to_support(binary_loc, binary_task):
     specs = binary_loc.das_specs()
     assert {s.variable for s in specs} == {"C1", "C2", "C3"}
-    for s in specs:
-        kept = binary_loc.kept[-1][s.variable]
+    for v in ("C1", "C2", "C3"):
+        kept = binary_loc.kept[-1][v]
+        mine = [s for s in specs if s.variable == v]
+        kept_spec = [s for s in mine if s.source.endswith(":kept")]
+        assert len(kept_spec) == 1
         dims = sorted({d for k in kept for d in k.dims})
-        assert list(s.dims) == dims
-        assert max(s.subspace_sizes) <= len(dims)
-        assert s.layer == kept[0].layer
+        assert list(kept_spec[0].dims) == dims and max(kept_spec[0].subspace_sizes) <= len(dims)
+        # every spec of the menu sits at the kept hook; the parent is the whole vector there
+        assert all(s.layer == kept[0].layer for s in mine)
+        assert any(s.dims is None for s in mine)  # the whole vector at the kept hook (parent or handle)
+        assert len({(s.dims, s.source) for s in mine}) == len(mine)
+    only = binary_loc.das_specs(include_handle=False, include_parent=False, subspace_sizes=(1, 2))
+    assert all(s.subspace_sizes == (1, 2) for s in only) and len(only) == 3
 
 
 def test_pca_stage_basis_and_span_handles(binary_task):
