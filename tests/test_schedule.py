@@ -93,7 +93,11 @@ def test_pca_stage_basis_and_span_handles(binary_task):
         types = {type(i).__name__ for i in h.intervenable(binary_task.model).interventions.values()}
         assert types == {"SoftSpanInterchangeIntervention"}
     specs = loc.das_specs()
-    assert all(s.basis is not None and s.dims is None for s in specs)
+    kept_specs = [s for s in specs if s.source.endswith(":kept")]
+    assert len(kept_specs) == 3 and all(s.basis is not None and s.dims is None for s in kept_specs)
+    for s in kept_specs:  # the span of the kept PCA bands: rows of the fitted basis
+        V = loc.bases[loc.kept[-1][s.variable][0].basis]
+        assert s.basis.shape[1] == V.shape[1] and s.basis.shape[0] <= V.shape[0]
 
 
 def test_fit_pca_basis_counts_rank():
