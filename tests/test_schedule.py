@@ -143,3 +143,17 @@ def test_coordinates_groups_larger_than_support(binary_task):
     sched = pp.ProgressiveScheduler([pp.Stage("layer"), pp.Stage("coordinates", group_sizes=(64,))], searcher)
     with pytest.raises(pp.SiteError, match="no candidates"):
         sched.run(binary_task.model, binary_task.fit, binary_task.calibration)
+
+
+def test_das_specs_accepted_and_trained_by_pyvene(binary_loc, binary_task):
+    import pyvene as pv
+
+    specs = binary_loc.das_specs(subspace_sizes=(2,))
+    for s in specs:
+        im = pv.IntervenableModel([s.to_representation(2, model=binary_task.model)], binary_task.model)
+        assert len(im.interventions) == 1
+    das = pp.run_das(binary_task.model, [s for s in specs if s.variable == "C2"], binary_task.fit,
+                     binary_task.calibration, ["C2"], readout=binary_task.readout, epochs=2, progress=False)
+    assert das.n_trained == len([s for s in specs if s.variable == "C2"])
+    assert 0.0 <= das.best["C2"].iia(binary_task.test) <= 1.0
+    assert das.runtime_s > 0
