@@ -316,6 +316,7 @@ class PairBank:
         variables: Sequence[str] | None = None,
         seed: int = 0,
         sampler: Callable[[random.Random], dict] | None = None,
+        pair_sampler: Callable[[random.Random], tuple[dict, dict]] | None = None,
         output_var: str | None = None,
         label_of: Callable[[Any], int] | None = None,
         balance: bool = True,
@@ -338,8 +339,11 @@ class PairBank:
         seed : int
             Seed of the local RNG used for sampling.
         sampler : callable, optional
-            ``sampler(rng) -> dict`` of input-variable values. Default: each input uniform over
-            ``causal_model.values[var]``.
+            ``sampler(rng) -> dict`` of input-variable values, called once for the base and once
+            for the source of each pair. Default: each input uniform over ``causal_model.values[var]``.
+        pair_sampler : callable, optional
+            ``pair_sampler(rng) -> (base_setting, source_setting)`` for related pairs (e.g. sources
+            that differ from the base in one bit); overrides ``sampler``.
         output_var : str, optional
             The output variable; required when the causal model has several.
         label_of : callable, optional
@@ -387,8 +391,11 @@ class PairBank:
             def sampler(r: random.Random) -> dict:  # noqa: E306
                 return {v: r.choice(list(cm.values[v])) for v in inputs}
 
+        if pair_sampler is not None and not callable(pair_sampler):
+            raise BankError("pair_sampler must be a callable rng -> (base_setting, source_setting)")
+
         def draw_pair():
-            b, s = sampler(rng), sampler(rng)
+            b, s = pair_sampler(rng) if pair_sampler is not None else (sampler(rng), sampler(rng))
             base_out = cm.run_forward(b)[output_var]
             cfs = {v: cm.run_interchange(b, {v: s})[output_var] for v in variables}
             return b, s, base_out, cfs
@@ -433,6 +440,7 @@ class PairBank:
         meta = {
             "built_from": "causal_model",
             "seed": int(seed),
+            "sampling": "pair_sampler" if pair_sampler is not None else ("sampler" if sampler is not None else "uniform"),
             "balance": bool(balance),
             "reserved_per_variable": quota,
             "draws": tries_total,

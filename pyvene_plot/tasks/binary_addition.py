@@ -399,6 +399,16 @@ def stratified_pools(
     return pools
 
 
+def _as_pair_sampler(alternating: Callable[[random.Random], dict]) -> Callable[[random.Random], tuple[dict, dict]]:
+    """Wrap the alternating base/source sampler as an explicit ``(base, source)`` pair sampler."""
+
+    def pair(rng: random.Random) -> tuple[dict, dict]:
+        base = alternating(rng)
+        return base, alternating(rng)
+
+    return pair
+
+
 def pool_pair_sampler(
     pool: Sequence[tuple[int, int]], p_random: float = 0.25
 ) -> Callable[[random.Random], dict]:
@@ -580,7 +590,7 @@ def build_banks(
         bank = PairBank.from_causal_model(
             causal_model, to_model_inputs, n=int(n), variables=VARIABLES,
             seed=1000 + 10 * int(seed) + k,
-            sampler=pool_pair_sampler(pool), output_var="O", balance=True, name=name,
+            pair_sampler=_as_pair_sampler(pool_pair_sampler(pool)), output_var="O", balance=True, name=name,
         )
         bank.meta.update({
             "pool": name,
