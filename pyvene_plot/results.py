@@ -216,16 +216,20 @@ class AlignmentResult:
             raise PlotError(f"normalize must be 'row' or 'none', got {normalize!r}")
         P = P[:, :max_sites]
         labels = [s.label for s in self.sites[:max_sites]]
+        comps = {s.component for s in self.sites[:max_sites]}
+        if len(comps) == 1:  # one component everywhere: say it once in the axis title
+            comp = next(iter(comps))
+            labels = [lab.replace(f".{comp}", "") for lab in labels]
         own = ax is None
         if own:
-            width = min(2.0 + 0.28 * P.shape[1], 40.0)
-            fig, ax = plt.subplots(figsize=(width, 1.2 + 0.5 * P.shape[0]))
+            width = min(3.0 + 0.22 * P.shape[1], 40.0)
+            fig, ax = plt.subplots(figsize=(width, 2.6 + 0.45 * P.shape[0]))
         else:
             fig = ax.figure
         im = ax.imshow(P, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_yticks(range(len(self.variables)), self.variables)
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_xlabel("site")
+        ax.set_xlabel("site" + (f" ({next(iter(comps))})" if len(comps) == 1 else ""))
         ax.set_ylabel("variable")
         for r, v in enumerate(self.variables):
             for s in self.handles[v].sites:
@@ -233,7 +237,7 @@ class AlignmentResult:
                     c = self.sites.index(s)
                     ax.add_patch(matplotlib.patches.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
         ax.set_title(f"PLOT coupling ({self.method}, ε={self.epsilon:.3g}); red: calibrated handle sites")
-        fig.colorbar(im, ax=ax, label="row-normalised mass" if normalize == "row" else "mass")
+        fig.colorbar(im, ax=ax, label="row-normalised mass" if normalize == "row" else "mass", fraction=0.03, pad=0.01)
         fig.tight_layout()
         if path is not None:
             buf = io.BytesIO()
