@@ -224,17 +224,21 @@ def solve_transport(
         if A_sig is None or N_sig is None:
             raise TransportError(f"{method} needs the abstract and neural signatures")
         C1, C2 = intra_geometry(A_sig), intra_geometry(N_sig)
+        # The product plan a bᵀ is a stationary point of (entropic) GW for symmetric geometries, so a
+        # uniform start can stay there; start from the feature-cost OT plan instead (POT's G0).
+        Cn = C / C.max() if C.max() > 0 else C
+        G0 = ot.bregman.sinkhorn_log(a, b, Cn, reg=max(eps, 0.05), numItermax=max_iter, stopThr=tol)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if method == "gw":
                 P, log = ot.gromov.entropic_gromov_wasserstein(
-                    C1, C2, a, b, loss_fun="square_loss", epsilon=eps, max_iter=max_iter, tol=tol, log=True,
+                    C1, C2, a, b, loss_fun="square_loss", epsilon=eps, max_iter=max_iter, tol=tol, log=True, G0=G0,
                 )
             else:
                 M = C / C.max() if C.max() > 0 else C
                 P, log = ot.gromov.entropic_fused_gromov_wasserstein(
                     M, C1, C2, a, b, loss_fun="square_loss", epsilon=eps, alpha=alpha, max_iter=max_iter,
-                    tol=tol, log=True,
+                    tol=tol, log=True, G0=G0,
                 )
         n_iter = len(log.get("err", [])) * 10
         converged = not any("did not converge" in str(w.message) for w in caught)
