@@ -118,6 +118,9 @@ class PairBank:
         If given, every label must lie in ``[0, num_classes)``.
     meta : dict, optional
         Free-form provenance (how the bank was built, counts of skipped examples, ...).
+    readout : Readout, optional
+        How the model's outputs become the classes these labels index. Searchers and DAS use it
+        when they are not given a readout (tasks set it on their banks).
 
     Raises
     ------
@@ -134,8 +137,10 @@ class PairBank:
         name: str = "bank",
         num_classes: int | None = None,
         meta: dict | None = None,
+        readout: Any = None,
     ) -> None:
         self.name = str(name)
+        self.readout = readout
         n_base = inputs_len(base)
         n_src = inputs_len(source)
         if n_base == 0:
@@ -246,6 +251,7 @@ class PairBank:
             name=name or self.name,
             num_classes=self.num_classes,
             meta=dict(self.meta),
+            readout=self.readout,
         )
 
     def select_variables(self, variables: Sequence[str]) -> "PairBank":
@@ -254,7 +260,7 @@ class PairBank:
         return PairBank(
             self.base, self.source, self.base_labels,
             {v: self.counterfactual_labels[v] for v in variables},
-            name=self.name, num_classes=self.num_classes, meta=dict(self.meta),
+            name=self.name, num_classes=self.num_classes, meta=dict(self.meta), readout=self.readout,
         )
 
     def split(
@@ -303,7 +309,8 @@ class PairBank:
     def to(self, device: torch.device | str) -> "PairBank":
         """A copy with inputs moved to ``device`` (labels stay on CPU)."""
         out = PairBank(inputs_to(self.base, device), inputs_to(self.source, device), self.base_labels,
-                       self.counterfactual_labels, name=self.name, num_classes=self.num_classes, meta=self.meta)
+                       self.counterfactual_labels, name=self.name, num_classes=self.num_classes, meta=self.meta,
+                       readout=self.readout)
         return out
 
     # --------------------------------------------------------- causal models

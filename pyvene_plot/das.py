@@ -1096,7 +1096,7 @@ def run_das(
         raise PlotError("batch sizes must be >= 1")
     if float(rel_tol) < 0:
         raise PlotError(f"rel_tol must be >= 0, got {rel_tol}")
-    readout = readout or Readout()
+    readout = readout or getattr(fit_bank, "readout", None) or Readout()
     opt_cfg = {"epochs": int(epochs), "min_epochs": int(min_epochs), "patience": int(patience),
                "rel_tol": float(rel_tol), "lr": lr if lr == "auto" else float(lr),
                "batch_size": int(batch_size)}

@@ -308,7 +308,7 @@ class OTAlignmentSearcher:
         if self.top_k is not None and allowed and max(k_grid) > n_support:
             raise PlotError(f"top-k {max(k_grid)} is larger than the {n_support} sites a variable may use")
         lambdas = lambda_order(_grid(self.lambdas, "lambdas"))
-        readout = self.readout or Readout()
+        readout = self.readout or getattr(fit_bank, "readout", None) or Readout()
 
         engine = InterchangeEngine(model, [s.unit for s in sites], readout, bases=bases_t, batch_size=self.batch_size)
         # ---- signatures on the fit bank

@@ -102,6 +102,9 @@ def load(name: str, seed: int = 0, cache: bool = True, **options: Any) -> Task:
     if cache and key in _CACHE:
         return _CACHE[key]
     task = _REGISTRY[name](seed=int(seed), **options)
+    for bank in (task.fit, task.calibration, task.test):
+        if getattr(bank, "readout", None) is None:
+            bank.readout = task.readout  # so searchers / run_das pick the task's readout by default
     if cache:
         _CACHE[key] = task
     return task
