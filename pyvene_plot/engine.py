@@ -19,7 +19,7 @@ from typing import Any
 import pyvene as pv
 import torch
 
-from .banks import Inputs, index_inputs, inputs_len
+from .banks import Inputs, inputs_len
 from .errors import ModelError, SiteError
 from .interventions import SoftInterchangeIntervention, SoftSpanInterchangeIntervention
 from .readout import Readout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from .banks import PairBank
 from .errors import PlotError
 from .handles import Handle
 from .sites import Site
-from .utils import atomic_write_bytes, atomic_write_json, package_versions, to_serializable
+from .utils import atomic_write_bytes, atomic_write_json, package_versions
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import ot
