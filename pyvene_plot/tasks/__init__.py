@@ -120,7 +120,7 @@ def _ensure_builtin() -> None:
     _BUILTIN_LOADED = True
     import importlib
 
-    for mod in ("heq", "planted", "binary_addition", "gpt2_lookup"):
+    for mod in ("heq", "planted", "binary_addition", "gpt2_lookup", "ioi", "country_facts"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as exc:  # a task module not written yet
