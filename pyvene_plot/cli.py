@@ -38,6 +38,23 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 from .compare import task_signatures  # noqa: E402
 
 
+def _load_task(args: argparse.Namespace):
+    import pyvene_plot as pp
+    from .utils import resolve_device
+
+    t0 = time.perf_counter()
+    task = pp.tasks.load(args.task, seed=args.seed)
+    device = resolve_device(args.device)
+    task.model.to(device)
+    info = task.info
+    print(f"task {task.name}: {type(task.model).__name__} on {device} ready in {time.perf_counter() - t0:.1f}s"
+          + (f" (trained in {info['train_seconds']:.1f}s, held-out accuracy {info['heldout_accuracy']:.4f})"
+             if "train_seconds" in info and "heldout_accuracy" in info else "")
+          + f"; banks fit/calibration/test = {len(task.fit)}/{len(task.calibration)}/{len(task.test)}; "
+          f"{len(task.sites)} candidate sites", flush=True)
+    return task
+
+
 def _run_methods(task, methods: list[str], out: Path, seed: int, progress: bool) -> list[dict]:
     import pyvene_plot as pp
     from .utils import atomic_write_json
@@ -81,10 +98,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = _out_dir(args.out, f"demo-{args.task}")
     t0 = time.perf_counter()
-    task = pp.tasks.load(args.task, seed=args.seed)
-    print(f"task {task.name}: {type(task.model).__name__} trained in {task.info.get('train_seconds', float('nan')):.1f}s "
-          f"(held-out accuracy {task.info.get('heldout_accuracy', float('nan')):.4f}); banks fit/calibration/test = "
-          f"{len(task.fit)}/{len(task.calibration)}/{len(task.test)}; {len(task.sites)} candidate sites")
+    task = _load_task(args)
     rows = _run_methods(task, ["uot", "ot"], out, args.seed, not args.quiet)
     print(_table(rows, ["variable", "method", "test IIA", "sensitive", "invariant", "runtime_s", "sites evaluated", "handle sites"]))
     print(f"wrote {out} (result_*.json, coupling_*.png, summary.json) in {time.perf_counter() - t0:.1f}s")
@@ -95,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import pyvene_plot as pp
 
     out = _out_dir(args.out, f"run-{args.task}-{args.method}")
-    task = pp.tasks.load(args.task, seed=args.seed)
+    task = _load_task(args)
     rows = _run_methods(task, [args.method], out, args.seed, not args.quiet)
     print(_table(rows, ["variable", "method", "test IIA", "sensitive", "invariant", "runtime_s", "sites evaluated", "handle sites"]))
     print(f"wrote {out}")
@@ -106,35 +120,49 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import pyvene_plot as pp
 
     out = _out_dir(args.out, f"compare-{args.task}")
-    task = pp.tasks.load(args.task, seed=args.seed)
+    task = _load_task(args)
     cmp = pp.compare(task, progress=not args.quiet, seed=args.seed, out=out)
+    print(f"DAS trainer: {cmp.details.get('trainer', 'n/a')}; size grid {cmp.details.get('subspace_sizes')}")
     print(cmp.table())
     print(f"wrote {out}")
     return 0
 
 
+def _task_names() -> list[str]:
+    from . import tasks
+
+    return tasks.names()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyvene-plot", description="PLOT: localise causal variables with optimal transport (pyvene plugin)")
+    names = _task_names()
+    p = argparse.ArgumentParser(
+        prog="pyvene-plot",
+        description="PLOT: localise causal variables with optimal transport and get pyvene interventions back.",
+        epilog="built-in tasks: " + ", ".join(names) + ". Results (JSON, PNG) are written atomically into --out.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train the embedded task and run PLOT (uot and ot); print a table")
-    d.add_argument("--task", default="heq")
-    d.add_argument("--out", default=None, help="output folder (default: ./plot_runs/<new folder>)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,run,compare}")
+
+    def common(sp: argparse.ArgumentParser, task_default: str | None) -> None:
+        if task_default is None:
+            sp.add_argument("--task", required=True, choices=names, help="built-in task")
+        else:
+            sp.add_argument("--task", default=task_default, choices=names, help=f"built-in task (default {task_default})")
+        sp.add_argument("--out", default=None, help="output folder (default: a new folder under ./plot_runs/)")
+        sp.add_argument("--seed", type=int, default=0, help="task, search and DAS seed")
+        sp.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    d = sub.add_parser("demo", help="train/load a task and run PLOT (uot and ot); print a table")
+    common(d, "heq")
     d.set_defaults(func=cmd_demo)
-    r = sub.add_parser("run", help="run one PLOT method on a task")
-    r.add_argument("--task", required=True)
+    r = sub.add_parser("run", help="run one PLOT method on a task; print a table")
+    common(r, None)
     r.add_argument("--method", default="uot", choices=["uot", "ot", "gw", "fgw", "cosine", "bruteforce"])
-    r.add_argument("--out", default=None)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
-    c = sub.add_parser("compare", help="PLOT, PLOT-guided DAS and Full DAS side by side")
-    c.add_argument("--task", required=True)
-    c.add_argument("--out", default=None)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--quiet", action="store_true")
+    c = sub.add_parser("compare", help="PLOT, PLOT+refinement, PLOT-guided DAS, Full DAS and the best single site, side by side")
+    common(c, None)
     c.set_defaults(func=cmd_compare)
     return p
 
