@@ -118,7 +118,7 @@ def compare(
     searcher: OTAlignmentSearcher | None = None,
     stages: list | None = None,
     keep: int = 1,
-    subspace_sizes: tuple[int, ...] | None = (1, 2, 4, 8),
+    subspace_sizes: tuple[int, ...] | None | str = "task",
     das_kwargs: dict | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -138,13 +138,13 @@ def compare(
         Default ``task.default_stages``.
     keep : int
         Sites kept per variable per stage.
-    subspace_sizes : tuple of int, optional
-        DAS size grid shared by guided and Full DAS (clipped to each support width); default
-        ``(1, 2, 4, 8)``. ``None`` derives the guided sizes from the support widths and gives Full
-        DAS the union of them.
+    subspace_sizes : tuple of int, None or "task"
+        DAS size grid shared by guided and Full DAS (clipped to each support width). ``"task"``
+        (default) uses ``task.compare_options["subspace_sizes"]`` or ``(1, 2, 4, 8)``; ``None``
+        derives the guided sizes from the support widths and gives Full DAS the union of them.
     das_kwargs : dict, optional
         Passed to both :func:`~pyvene_plot.das.run_das` calls (epochs, lr, batch size, ...), so
-        both sides use the same trainer settings.
+        both sides use the same trainer settings; merged over ``task.compare_options["das_kwargs"]``.
     out : path, optional
         Folder for JSON and plots.
     """
@@ -153,7 +153,12 @@ def compare(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise PlotError(f"unknown compare method(s) {unknown}; choose from {METHODS}")
-    das_kwargs = dict(das_kwargs or {})
+    topts = dict(getattr(task, "compare_options", {}) or {})
+    if isinstance(subspace_sizes, str):
+        if subspace_sizes != "task":
+            raise PlotError(f"subspace_sizes must be a tuple, None or 'task', got {subspace_sizes!r}")
+        subspace_sizes = tuple(topts.get("subspace_sizes", (1, 2, 4, 8)))
+    das_kwargs = {**dict(topts.get("das_kwargs", {})), **dict(das_kwargs or {})}
     das_kwargs.setdefault("readout", task.readout)
     das_kwargs.setdefault("seed", seed)
     das_kwargs.setdefault("progress", progress)
@@ -162,7 +167,8 @@ def compare(
                                                seed=seed, progress=progress)
     model, variables = task.model, list(task.variables)
     rows: list[dict] = []
-    details: dict[str, Any] = {"task": task.summary(), "stages": [s.to_dict() for s in stages]}
+    details: dict[str, Any] = {"task": task.summary(), "stages": [s.to_dict() for s in stages],
+                               "das_kwargs": {k: v for k, v in das_kwargs.items() if k != "readout"}}
     t0 = time.perf_counter()
 
     need_loc = any(m in methods for m in ("plot", "plot_refined", "plot_das", "best_site"))

@@ -64,6 +64,9 @@ class Task:
     readout: Readout = dataclasses.field(default_factory=Readout)
     causal_model: Any = None
     info: dict = dataclasses.field(default_factory=dict)
+    #: defaults for :func:`pyvene_plot.compare` on this task (e.g. a smaller DAS grid for a real LM on CPU);
+    #: explicit arguments to ``compare`` override them
+    compare_options: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
