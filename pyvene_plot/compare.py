@@ -11,7 +11,8 @@ method               runtime charged
                      every calibration of the sweep
 ``plot_refined``     every stage of the schedule (plus PCA fits)
 ``plot_das``         every stage + DAS on the narrowed specs (all sizes, all variables)
-``full_das``         DAS on every layer x position x the same subspace-size grid
+``full_das``         DAS on every layer x position (the coarse stage's candidate positions, all
+                     positions if it names none) x the same subspace-size grid
 ===================  ==========================================================================
 
 Test banks are used only to report. ``n_sites_evaluated`` counts candidate sites whose
@@ -221,7 +222,8 @@ def compare(
         spec = model_spec(model)
         positions = None
         if spec.has_positions:
-            positions = tuple(range(_min_real_length(task.fit)))
+            # the same layer x position candidates as PLOT's coarse stage (all positions if it names none)
+            positions = stages[0].positions or tuple(range(_min_real_length(task.fit)))
         fspecs = full_das_specs(model, component=stages[0].component, positions=positions, subspace_sizes=sizes)
         details["full_das_n_specs"] = len(fspecs)
         full = run_das(model, fspecs, task.fit, task.calibration, variables, **das_kwargs)
