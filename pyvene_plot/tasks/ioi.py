@@ -53,7 +53,46 @@ Counts are in ``bank.meta`` and ``task.info["banks"]``.
 
 Model accuracy and where the variables live (verification, not computed at load time)
 -------------------------------------------------------------------------------------
-See :data:`IOI_VERIFICATION` (measured with a standalone script on the seed-0 fit bank).
+Measured with standalone scripts (SmolLM2 float32 on CPU, one thread; seed 0, default sizes).
+Accuracy (full-vocabulary argmax = the IO name): 0.994 on the 888 candidate prompts of the seed-0
+banks (5 of 444 candidate pairs dropped: fit 217/220 kept, calibration 111/112, test 111/112; each
+then cut to 200/100/100); 0.978 on 1,200 random prompts over a wider list of 32 names, 0.997 when
+the argmax is restricted to those names (the few misses answer " the"). Building the default task
+takes ~50 s on a shared 2-core CPU (~20-35 s of it loading the GGUF weights).
+
+Full-vector interchange IIA (``block_output``) on the 200-pair fit bank; ``-`` not measured. The
+floor (the share of pairs whose counterfactual label equals the base label) is 0.27 for
+``output_token`` and 0.375 for ``output_position``::
+
+    output_token      A@1    B@3    S@9   last@13      output_position   A@1    B@3    S@9   last@13
+      L0             .335   .360   .515   .270           L0             .250   .230   .480   .375
+      L3             .335   .370   .515   .270           L3             .270   .220   .475   .375
+      L6             .325   .380   .510   .270           L6             .305   .200   .510   .375
+      L9             .320   .375   .510   .270           L9             .330   .215   .575   .375
+      L12            .320   .375   .510   .270           L12            .335   .215   .580   .375
+      L15            .300   .360   .510   .270           L15            .340   .270   .600   .375
+      L16              -      -    .510   .270           L16              -      -    .610   .375
+      L17              -      -    .365   .270           L17              -      -    .860   .375
+      L18            .290   .355   .350   .270           L18            .355   .285   .875   .375
+      L19              -      -    .485   .270           L19              -      -    .710   .375
+      L20              -      -    .410   .270           L20              -      -    .495   .620
+      L21            .290   .355   .410   .275           L21            .355   .285   .495   .620
+      L22              -      -    .380   .295           L22              -      -    .465   .655
+      L23              -      -    .270   .995           L23              -      -    .375   .260
+      L24            .270   .270   .270  1.000           L24            .375   .375   .375   .255
+      L27            .270   .270   .270   .995           L27            .375   .375   .375   .255
+      L29            .270   .270   .270  1.000           L29            .375   .375   .375   .255
+
+``output_token`` (the IO name) reaches the last token between layers 22 and 23 and is then carried
+there alone (IIA 1.0 from L23). ``output_position`` (which slot is the IO) peaks at the repeated
+subject ``S`` in layers 17-18 (0.875; per family: subject_flip 1.0, new_names 0.96, random 0.90,
+name_order 0.61, i.e. the S residual there encodes the repeated slot only partly apart from the
+repeated name's identity), and is partly at the last token in layers 20-22 (0.62-0.66: invariant
+on new_names pairs, ~0.45 on subject_flip / name_order) before the answer is written there. No
+single full-vector site reaches 1.0 for ``output_position``. Before layer 15 and at the name slots
+``A`` / ``B`` a swap mostly just changes the names (IIA at or below the floor). A ``layer`` stage
+restricted to the last token can see ``output_token`` only; ``output_position`` needs ``S``, so the
+task's layer stage scores the four positions A, B, S, last.
 """
 
 from __future__ import annotations
@@ -76,19 +115,21 @@ from ._lm import encode_prompts, filtered_lm_bank, single_token_ids
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "build_ioi",
-    "build_causal_model",
-    "render",
-    "direct_labels",
-    "sample_pair",
-    "TEMPLATE",
-    "NAMES",
-    "PLACES",
-    "OBJECTS",
     "FAMILIES",
+    "INPUT_VARS",
+    "IOI_VERIFICATION",
+    "NAMES",
+    "OBJECTS",
+    "PLACES",
     "POSITIONS",
     "SEQ_LEN",
-    "IOI_VERIFICATION",
+    "TEMPLATE",
+    "build_causal_model",
+    "build_ioi",
+    "candidate_pairs",
+    "direct_labels",
+    "render",
+    "sample_pair",
 ]
 
 TEMPLATE = "When {A} and {B} went to the {place}, {S} gave a {object} to"
@@ -104,9 +145,34 @@ SEQ_LEN = 14
 POSITIONS = {"A": 1, "B": 3, "S": 9, "last": 13}
 INPUT_VARS = ("name1", "name2", "subject_slot", "place", "object")
 
-# Measured by a standalone script (see the module docstring); kept as a constant so that loading
-# the task does not recompute it. Filled in from the verification run.
-IOI_VERIFICATION: dict[str, Any] = {}
+# Measured by standalone scripts (see the module docstring); kept as a constant so that loading the
+# task does not recompute it. Full-vector interchange IIA on the seed-0 fit bank (200 pairs), per
+# layer at positions [A@1, B@3, S@9, last@13] (None: not measured).
+IOI_VERIFICATION: dict[str, Any] = {
+    "prompt_accuracy_seed0_candidates": 0.994,
+    "floor": {"output_token": 0.27, "output_position": 0.375},
+    "best_full_swap_site": {"output_token": "L23-L29.block_output@13 (IIA 0.995-1.0)",
+                            "output_position": "L18.block_output@9 (IIA 0.875)"},
+    "full_swap_iia_seed0_positions": [1, 3, 9, 13],
+    "full_swap_iia_seed0": {
+        "output_token": {
+            0: [0.335, 0.36, 0.515, 0.27], 3: [0.335, 0.37, 0.515, 0.27], 6: [0.325, 0.38, 0.51, 0.27],
+            9: [0.32, 0.375, 0.51, 0.27], 12: [0.32, 0.375, 0.51, 0.27], 15: [0.3, 0.36, 0.51, 0.27],
+            16: [None, None, 0.51, 0.27], 17: [None, None, 0.365, 0.27], 18: [0.29, 0.355, 0.35, 0.27],
+            19: [None, None, 0.485, 0.27], 20: [None, None, 0.41, 0.27], 21: [0.29, 0.355, 0.41, 0.275],
+            22: [None, None, 0.38, 0.295], 23: [None, None, 0.27, 0.995], 24: [0.27, 0.27, 0.27, 1.0],
+            27: [0.27, 0.27, 0.27, 0.995], 29: [0.27, 0.27, 0.27, 1.0],
+        },
+        "output_position": {
+            0: [0.25, 0.23, 0.48, 0.375], 3: [0.27, 0.22, 0.475, 0.375], 6: [0.305, 0.2, 0.51, 0.375],
+            9: [0.33, 0.215, 0.575, 0.375], 12: [0.335, 0.215, 0.58, 0.375], 15: [0.34, 0.27, 0.6, 0.375],
+            16: [None, None, 0.61, 0.375], 17: [None, None, 0.86, 0.375], 18: [0.355, 0.285, 0.875, 0.375],
+            19: [None, None, 0.71, 0.375], 20: [None, None, 0.495, 0.62], 21: [0.355, 0.285, 0.495, 0.62],
+            22: [None, None, 0.465, 0.655], 23: [None, None, 0.375, 0.26], 24: [0.375, 0.375, 0.375, 0.255],
+            27: [0.375, 0.375, 0.375, 0.255], 29: [0.375, 0.375, 0.375, 0.255],
+        },
+    },
+}
 
 
 # ----------------------------------------------------------------------------- causal model
@@ -199,13 +265,13 @@ def _key(x: dict) -> tuple:
 
 
 def candidate_pairs(n: int, seed: int) -> list[tuple[dict, dict, str]]:
-    """``n`` distinct (base, source, family) candidates, families in equal shares, shuffled."""
+    """``n`` distinct (base, source, family) candidates, families in (nearly) equal shares, shuffled."""
     rng = random.Random(int(seed))
     seen: set[tuple] = set()
     out = []
     i = 0
     while len(out) < n:
-        fam = FAMILIES[i % len(FAMILIES)]
+        fam = FAMILIES[i % len(FAMILIES)]  # one family per draw: equal shares up to rejected duplicates
         i += 1
         b, s = sample_pair(rng, fam)
         k = (_key(b), _key(s))
@@ -224,8 +290,8 @@ def _label_pairs(cm, pairs):
     for b, s, _ in pairs:
         base_y.append(cm.run_forward(dict(b))["O"])
         src_y.append(cm.run_forward(dict(s))["O"])
-        for v in cf:
-            cf[v].append(cm.run_interchange(dict(b), {v: dict(s)})["O"])
+        for v, labels in cf.items():
+            labels.append(cm.run_interchange(dict(b), {v: dict(s)})["O"])
     return base_y, src_y, cf
 
 
