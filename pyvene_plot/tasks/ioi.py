@@ -418,7 +418,11 @@ def build_ioi(seed: int = 0, n_fit: int = 200, n_calibration: int = 100, n_test:
         readout=banks["fit"].readout,
         causal_model=cm,
         info=info,
+        compare_options=LM_COMPARE_OPTIONS,
     )
 
+
+#: A modest DAS budget for a 135M-parameter LM on CPU, identical for guided and Full DAS.
+LM_COMPARE_OPTIONS = {"subspace_sizes": (8,), "das_kwargs": {"epochs": 2, "min_epochs": 1, "batch_size": 20}}
 
 register("ioi", build_ioi)
