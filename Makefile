@@ -23,7 +23,7 @@ demo: venv
 	$(VENV)/bin/pyvene-plot demo
 
 test: venv
-	PYVENE_PLOT_FAST=1 $(PY) -m pytest tests tutorials --nbmake --nbmake-timeout=900 -p no:cacheprovider
+	PYVENE_PLOT_FAST=1 $(PY) -m pytest tests tutorials --nbmake --nbmake-timeout=2400 -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) plot_runs
