@@ -156,6 +156,7 @@ def collect_site_effects(
     """
     t0 = time.perf_counter()
     sites = list(sites)
+    readout = readout or getattr(bank, "readout", None)  # task banks carry their readout
     engine = engine or InterchangeEngine(model, [s.unit for s in sites], readout, bases=bases, batch_size=batch_size)
     n = len(bank)
     base_logits = engine.forward_clean(bank.base)

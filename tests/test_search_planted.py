@@ -71,3 +71,16 @@ def test_result_records_what_was_swept(planted_results):
         assert cal["k"] in (1, 2, 4) and cal["strength"] in (0.5, 1.0, 2.0)
         assert cal["k"] >= len(res.handles[v].sites)
         assert sum(res.handles[v].weights) == pytest.approx(1.0)
+
+
+def test_collect_site_effects_defaults_to_the_bank_readout():
+    """A task bank carries its readout; collect_site_effects must use it when none is passed."""
+    import pyvene_plot as pp
+
+    task = pp.tasks.load("binary_addition", seed=0)
+    assert task.fit.readout is task.readout
+    sub = task.fit.subset(range(32))
+    eff = pp.collect_site_effects(task.model, task.sites[:2], sub, task.variables)
+    ref = pp.collect_site_effects(task.model, task.sites[:2], sub, task.variables, readout=task.readout)
+    assert eff.base_logits.shape[1] == 32  # joint 5-bit classes, not the 2-way vocabulary
+    assert torch.equal(eff.preds, ref.preds)

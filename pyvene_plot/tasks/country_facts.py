@@ -62,8 +62,22 @@ vocabulary argmax, on both sides) and cut to the requested size; counts are in `
 
 Where the variables live (verification, not computed at load time)
 ------------------------------------------------------------------
-See :data:`COUNTRY_FACTS_VERIFICATION` (full-swap IIA per layer and position on the seed-0 fit
-bank, measured with a standalone script).
+Full-vector interchange of the residual stream (``block_output``) on the seed-0 fit bank (200
+pairs), IIA under the task readout; the floor (the share of pairs whose label the variable leaves
+unchanged) is 0.13 for ``country`` and 0.41 for ``attribute``::
+
+    country     relation@15  country@17  last@18        attribute   relation@15  country@17  last@18
+      L0-L12       .000        1.000      .130            L0-L12       1.000        .000      .410
+      L13-L15      .030        1.000      .12             L13-L15      .79-.81      .000      .42
+      L16-L20      .09-.13     .99-.995   .08-.005        L16-L20      .59-.42      .000      .59-.97
+      L21-L22      .130        .975/.960  .000            L21-L22      .410         .000      .995
+      L23-L29      .130        .130       .410            L23-L29      .410         .410      .125
+
+``country`` sits at the country token up to layer 22; ``attribute`` at the relation token up to
+layer 12, then moves (through position 16, " of", not scored here) to the last token (layers
+19-22). From layer 23 the last token carries the answer itself (a swap there gives the source's
+answer: IIA = the share of pairs where that equals the variable's counterfactual). Per-layer
+numbers, also under a full-vocabulary argmax: :data:`COUNTRY_FACTS_VERIFICATION`.
 """
 
 from __future__ import annotations
@@ -87,19 +101,19 @@ from ._lm import _predict, encode_prompts, filtered_lm_bank, single_token_ids
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "build_country_facts",
-    "build_causal_model",
-    "render",
-    "direct_label",
-    "candidate_pairs",
+    "CANDIDATES",
+    "COUNTRY_FACTS_VERIFICATION",
+    "DEMO_COUNTRIES",
+    "FAMILIES",
     "PREFIX",
     "QUERY",
-    "TEMPLATE",
     "RELATIONS",
-    "DEMO_COUNTRIES",
-    "CANDIDATES",
-    "FAMILIES",
-    "COUNTRY_FACTS_VERIFICATION",
+    "TEMPLATE",
+    "build_causal_model",
+    "build_country_facts",
+    "candidate_pairs",
+    "direct_label",
+    "render",
 ]
 
 #: Fixed few-shot prefix (one demonstration per relation, on countries never queried).
@@ -151,9 +165,56 @@ CANDIDATES: dict[str, tuple[str, str]] = {
 
 FAMILIES = ("country_only", "attribute_only", "both")
 
-# Measured by a standalone script (see the module docstring); kept as a constant so that loading
-# the task does not recompute it.
-COUNTRY_FACTS_VERIFICATION: dict[str, Any] = {}
+# Measured by a standalone script on the seed-0 fit bank (200 pairs; see the module docstring);
+# kept as a constant so that loading the task does not recompute it. Full-vector interchange of the
+# residual stream (``block_output``) at each layer and at the relation / country / last token
+# (positions 15, 17, 18); rows are layers 0..29. ``full_swap_iia_seed0`` scores the task readout
+# (argmax over the answer tokens), ``..._strict_...`` the full-vocabulary argmax.
+COUNTRY_FACTS_VERIFICATION: dict[str, Any] = {
+    "positions": {"relation": 15, "country": 17, "last": 18},
+    "n_pairs": 200,
+    "changed": {"country": 174, "attribute": 118},
+    "floor": {"country": 0.13, "attribute": 0.41},  # share of pairs where the variable leaves O unchanged
+    "best_site": {"country": "L0-L20 block_output@17 (country token)",
+                  "attribute": "L0-L12 block_output@15 (relation token); L21-L22 @18 (last token)"},
+    "sweep_seconds": 931,  # 90 sites x 200 pairs on one shared CPU thread
+    "full_swap_iia_seed0": {
+        "country": [
+            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13],  # L0-L4
+            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13],  # L5-L9
+            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.03, 1.0, 0.125], [0.03, 1.0, 0.12],  # L10-L14
+            [0.03, 1.0, 0.12], [0.09, 0.995, 0.08], [0.095, 0.995, 0.055], [0.125, 0.995, 0.02], [0.125, 0.995, 0.01],  # L15-L19
+            [0.125, 0.99, 0.005], [0.13, 0.975, 0.0], [0.13, 0.96, 0.0], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41],  # L20-L24
+            [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41],  # L25-L29
+        ],
+        "attribute": [
+            [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41],  # L0-L4
+            [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41],  # L5-L9
+            [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [0.8, 0.0, 0.415], [0.81, 0.0, 0.425],  # L10-L14
+            [0.785, 0.0, 0.425], [0.585, 0.0, 0.59], [0.53, 0.0, 0.71], [0.43, 0.0, 0.89], [0.42, 0.0, 0.955],  # L15-L19
+            [0.42, 0.0, 0.97], [0.41, 0.0, 0.995], [0.41, 0.0, 0.995], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125],  # L20-L24
+            [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125],  # L25-L29
+        ],
+    },
+    "full_swap_iia_strict_seed0": {
+        "country": [
+            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13],  # L0-L4
+            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13],  # L5-L9
+            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.115], [0.0, 0.995, 0.085],  # L10-L14
+            [0.0, 0.99, 0.08], [0.025, 0.99, 0.045], [0.035, 0.985, 0.03], [0.055, 0.995, 0.0], [0.06, 0.98, 0.0],  # L15-L19
+            [0.06, 0.975, 0.0], [0.125, 0.96, 0.0], [0.13, 0.935, 0.0], [0.13, 0.13, 0.375], [0.13, 0.13, 0.41],  # L20-L24
+            [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41],  # L25-L29
+        ],
+        "attribute": [
+            [1.0, 0.0, 0.41], [0.985, 0.0, 0.41], [0.985, 0.0, 0.41], [0.985, 0.0, 0.41], [0.985, 0.0, 0.41],  # L0-L4
+            [0.985, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [0.985, 0.0, 0.41],  # L5-L9
+            [0.985, 0.0, 0.41], [0.965, 0.0, 0.41], [0.965, 0.0, 0.41], [0.555, 0.0, 0.41], [0.555, 0.0, 0.41],  # L10-L14
+            [0.555, 0.0, 0.41], [0.465, 0.0, 0.44], [0.425, 0.0, 0.46], [0.41, 0.0, 0.585], [0.41, 0.0, 0.685],  # L15-L19
+            [0.41, 0.0, 0.715], [0.41, 0.0, 0.97], [0.41, 0.0, 0.98], [0.41, 0.385, 0.125], [0.41, 0.41, 0.125],  # L20-L24
+            [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125],  # L25-L29
+        ],
+    },
+}
 
 
 # ----------------------------------------------------------------------------- causal model
