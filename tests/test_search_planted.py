@@ -75,6 +75,8 @@ def test_result_records_what_was_swept(planted_results):
 
 def test_collect_site_effects_defaults_to_the_bank_readout():
     """A task bank carries its readout; collect_site_effects must use it when none is passed."""
+    import torch
+
     import pyvene_plot as pp
 
     task = pp.tasks.load("binary_addition", seed=0)
