@@ -93,25 +93,24 @@ def _run_methods(task, methods: list[str], out: Path, seed: int, progress: bool)
     return rows
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import pyvene_plot as pp
+_RUN_COLUMNS = ["variable", "method", "test IIA", "sensitive", "invariant", "runtime_s", "sites evaluated", "handle sites"]
 
+
+def cmd_demo(args: argparse.Namespace) -> int:
     out = _out_dir(args.out, f"demo-{args.task}")
     t0 = time.perf_counter()
     task = _load_task(args)
     rows = _run_methods(task, ["uot", "ot"], out, args.seed, not args.quiet)
-    print(_table(rows, ["variable", "method", "test IIA", "sensitive", "invariant", "runtime_s", "sites evaluated", "handle sites"]))
+    print(_table(rows, _RUN_COLUMNS))
     print(f"wrote {out} (result_*.json, coupling_*.png, summary.json) in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import pyvene_plot as pp
-
     out = _out_dir(args.out, f"run-{args.task}-{args.method}")
     task = _load_task(args)
     rows = _run_methods(task, [args.method], out, args.seed, not args.quiet)
-    print(_table(rows, ["variable", "method", "test IIA", "sensitive", "invariant", "runtime_s", "sites evaluated", "handle sites"]))
+    print(_table(rows, _RUN_COLUMNS))
     print(f"wrote {out}")
     return 0
 

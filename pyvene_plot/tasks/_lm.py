@@ -56,13 +56,16 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]
 
 @torch.no_grad()
 def _predict(model, inputs: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Next-token argmax per row; each distinct prompt is run once (banks repeat prompts a lot)."""
+    uniq, inverse = torch.unique(inputs["input_ids"], dim=0, return_inverse=True)
+    first = torch.zeros(uniq.shape[0], dtype=torch.long).scatter_(0, inverse, torch.arange(inverse.numel()))
+    rows = {k: v[first] for k, v in inputs.items()}
     out = []
-    n = inputs["input_ids"].shape[0]
     dev = next(model.parameters()).device
-    for s in range(0, n, batch_size):
-        part = {k: v[s : s + batch_size].to(dev) for k, v in inputs.items()}
+    for s in range(0, uniq.shape[0], batch_size):
+        part = {k: v[s : s + batch_size].to(dev) for k, v in rows.items()}
         out.append(model(**part).logits[:, -1].argmax(-1).cpu())
-    return torch.cat(out)
+    return torch.cat(out)[inverse]
 
 
 def filtered_lm_bank(
@@ -99,6 +102,7 @@ def filtered_lm_bank(
         "n_base_wrong": int((~b_ok).sum()),
         "n_source_wrong": int((~s_ok).sum()),
         "filter": "full-vocabulary next-token argmax equals the answer on base and on source",
+        "kept_indices": keep.tolist(),  # candidate rows kept, in order
     }
     logger.info("bank %s: kept %d of %d pairs (%d dropped)", name, meta["n_kept"], n, meta["n_dropped"])
     return PairBank(

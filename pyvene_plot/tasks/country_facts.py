@@ -321,17 +321,7 @@ def _build_bank(model, tok, cm, answers, label_ids, pairs, n_want, name, batch_s
     src_prompts = [render(s) for _, s, _ in pairs]
     bank = filtered_lm_bank(model, tok, base_prompts, src_prompts, base_y, src_y, cf, label_ids, name,
                             batch_size=batch_size)
-    # filtered_lm_bank keeps rows in candidate order: match them back to their settings.
-    b_ids = encode_prompts(tok, base_prompts)["input_ids"]
-    s_ids = encode_prompts(tok, src_prompts)["input_ids"]
-    kept_b, kept_s = bank.base["input_ids"], bank.source["input_ids"]
-    kept, j = [], 0
-    for i in range(len(pairs)):
-        if j < len(kept_b) and torch.equal(b_ids[i], kept_b[j]) and torch.equal(s_ids[i], kept_s[j]):
-            kept.append(i)
-            j += 1
-    if j != len(kept_b):
-        raise BankError(f"bank {name!r}: could not match the filtered rows back to their candidate pairs")
+    kept = list(bank.meta["kept_indices"])  # candidate rows kept, in order
     n_used = min(int(n_want), len(kept))
     meta = dict(bank.meta)
     bank = bank.subset(torch.arange(n_used), name=name)
