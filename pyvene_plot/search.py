@@ -117,8 +117,8 @@ class OTAlignmentSearcher:
         FGW trade-off.
     readout : Readout, optional
         Output -> class logits; default :class:`Readout()`.
-    batch_size : int
-        Rows per forward pass.
+    batch_size : int or "auto"
+        Rows per forward pass (``"auto"``: sized from a memory budget, see :class:`InterchangeEngine`).
     progress : bool
         Show tqdm progress bars.
     """
@@ -139,7 +139,7 @@ class OTAlignmentSearcher:
         selection: str = "balanced",
         alpha: float = 0.5,
         readout: Readout | None = None,
-        batch_size: int = 1024,
+        batch_size: int | str = "auto",
         max_iter: int = 5000,
         tol: float = 1e-9,
         progress: bool = True,

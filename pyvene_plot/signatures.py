@@ -145,7 +145,7 @@ def collect_site_effects(
     variables: Sequence[str],
     readout: Readout | None = None,
     bases: Mapping[str, torch.Tensor] | None = None,
-    batch_size: int = 1024,
+    batch_size: int | str = "auto",
     progress: bool = False,
     engine: InterchangeEngine | None = None,
 ) -> SiteEffects:
@@ -184,7 +184,7 @@ def collect_site_effects(
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=S * n, desc="site signatures", unit="row", leave=False)
-    chunk_sites = max(1, engine.batch_size * 8 // n)
+    chunk_sites = max(1, engine.rows_per_batch(bank.base) * 8 // n)
     try:
         for unit, idxs in by_unit.items():
             for c0 in range(0, len(idxs), chunk_sites):
