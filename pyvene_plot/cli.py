@@ -43,7 +43,11 @@ def _load_task(args: argparse.Namespace):
     from .utils import resolve_device
 
     t0 = time.perf_counter()
-    task = pp.tasks.load(args.task, seed=args.seed)
+    opts = _task_options(getattr(args, "task_option", None) or [])
+    try:
+        task = pp.tasks.load(args.task, seed=args.seed, **opts)
+    except TypeError as e:
+        raise SystemExit(f"task {args.task!r} does not take options {sorted(opts)}: {e}") from None
     device = resolve_device(args.device)
     task.model.to(device)
     info = task.info
@@ -53,6 +57,24 @@ def _load_task(args: argparse.Namespace):
           + f"; banks fit/calibration/test = {len(task.fit)}/{len(task.calibration)}/{len(task.test)}; "
           f"{len(task.sites)} candidate sites", flush=True)
     return task
+
+
+def _task_options(items: list[str]) -> dict:
+    """``["n_fit=80", "l1=0.0"]`` -> ``{"n_fit": 80, "l1": 0.0}`` (ints, floats, true/false, else strings)."""
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"--task-option expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        for conv in (int, float):
+            try:
+                out[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return out
 
 
 def _run_methods(task, methods: list[str], out: Path, seed: int, progress: bool) -> list[dict]:
@@ -152,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="task, search and DAS seed")
         sp.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                        help="keyword passed to the task builder, repeatable (e.g. n_fit=80 n_test=80 for the LM tasks)")
 
     d = sub.add_parser("demo", help="train/load a task and run PLOT (uot and ot); print a table")
     common(d, "heq")
