@@ -2,7 +2,7 @@
 
 import argparse
 
-from .suite import SUITES, markdown, run
+from .suite import SUITES, markdown, run, screening_markdown
 
 
 def main() -> None:
@@ -17,6 +17,7 @@ def main() -> None:
     args = ap.parse_args()
     payload = run(args.suite, args.seeds, args.tasks, args.device, args.out)
     print(markdown(payload["rows"]))
+    print(screening_markdown(payload["screening"]))
     print(f"wall {payload['wall_s']:.0f}s on {payload['device']}")
 
 

@@ -148,13 +148,14 @@ def engine_logits(model, sites, bank, variables, readout, prefix: bool):
 
 
 def measure(name: str, n_pairs: int | None, max_sites: int | None) -> dict:
-    task = pp.tasks.load(name, seed=0)
+    opts = {"n_fit": n_pairs or 48, "n_calibration": 8, "n_test": 8} if name in ("ioi", "country_facts") else {}
+    task = pp.tasks.load(name, seed=0, **opts)
     model, bank = task.model, task.fit
     if n_pairs is not None and n_pairs < len(bank):
         bank = bank.subset(range(n_pairs))
     sites = [s for s in task.sites if s.basis is None]
-    if max_sites is not None:
-        sites = sites[:max_sites]
+    if max_sites is not None and max_sites < len(sites):  # evenly spread over the layers
+        sites = [sites[int(i)] for i in torch.linspace(0, len(sites) - 1, max_sites).round().long().unique()]
     readout = task.readout
     fl, t_floor = floor_logits(model, sites, bank, readout)
     nv, t_naive = naive_logits(model, sites, bank, readout)

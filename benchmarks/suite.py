@@ -61,10 +61,12 @@ def run_task_seed(name: str, seed: int, cfg: dict, device: torch.device, progres
     full_rt = next(r["runtime_s"] for r in cmp.rows if r["method"] == "full_das")
     for r in cmp.rows:
         rows.append({**r, "task": name, "seed": seed, "peak_mem_mb": peak, "device": str(device)})
+    flat = {}
     for method in FLAT_METHODS:
         searcher = pp.OTAlignmentSearcher(method=method, readout=task.readout, signature=task_signatures(task),
                                           seed=seed, progress=progress)
         res = searcher.fit(task.model, task.sites, task.fit, task.calibration)
+        flat[method] = res
         test = res.evaluate(task.test, detail=True)
         for v in task.variables:
             rows.append({"task": name, "seed": seed, "method": f"flat_{method}", "variable": v, "iia": test[v]["iia"],
@@ -72,10 +74,36 @@ def run_task_seed(name: str, seed: int, cfg: dict, device: torch.device, progres
                          "runtime_s": res.runtime_s, "n_sites_evaluated": len(res.sites), "n_trained": 0,
                          "ratio_to_full_das": res.runtime_s / full_rt, "peak_mem_mb": _peak_mb(device),
                          "device": str(device), "sites": "; ".join(s.label for s in res.handles[v].sites)})
+    rows += screening_rows(task, flat["uot"], seed, device)
     return rows
 
 
+def screening_rows(task, exact, seed: int, device: torch.device) -> list[dict]:
+    """Attribution-patching screen vs exact signatures on the task's candidate sites.
+
+    ``kept_exact_pick``: whether the screen (top share per variable, the default rule) keeps the site
+    that PLOT with exact signatures ranks first (flat uot); ``time_ratio``: attribution time over the
+    exact signature sweep's time on the same sites and fit bank.
+    """
+    from pyvene_plot.attribution import ATTRIBUTION_KEEP_FRACTION, screen_attribution
+
+    t0 = time.perf_counter()
+    rep = screen_attribution(task.model, task.sites, task.fit, variables=task.variables, readout=task.readout)
+    t_attr = time.perf_counter() - t0
+    t_exact = exact.diagnostics["signature_runtime_s"]
+    out = []
+    for v in task.variables:
+        pick = task.sites.index(exact.ranking(v)[0])
+        out.append({"task": task.name, "seed": seed, "method": "attribution_screen", "variable": v,
+                    "kept_exact_pick": bool(rep.keep_by_variable[v][pick]),
+                    "n_kept": int(sum(rep.keep_by_variable[v])), "n_sites": len(task.sites),
+                    "keep_share": ATTRIBUTION_KEEP_FRACTION, "attribution_s": t_attr, "exact_signatures_s": t_exact,
+                    "time_ratio": t_attr / max(t_exact, 1e-9), "device": str(device)})
+    return out
+
+
 def aggregate(raw: list[dict]) -> list[dict]:
+    raw = [r for r in raw if r["method"] != "attribution_screen"]
     keys = sorted({(r["task"], r["method"], r["variable"]) for r in raw}, key=lambda k: (k[0], k[1], k[2]))
     out = []
     for task, method, var in keys:
@@ -92,6 +120,28 @@ def aggregate(raw: list[dict]) -> list[dict]:
             "device": rs[0]["device"],
         })
     return out
+
+
+def screening_summary(raw: list[dict]) -> list[dict]:
+    """Per task: how often the attribution screen kept the exact pick, and its time next to exact signatures."""
+    out = []
+    for t in sorted({r["task"] for r in raw if r["method"] == "attribution_screen"}):
+        rs = [r for r in raw if r["task"] == t and r["method"] == "attribution_screen"]
+        out.append({"task": t, "n_cases": len(rs), "kept_exact_pick_rate": float(np.mean([r["kept_exact_pick"] for r in rs])),
+                    "n_sites": rs[0]["n_sites"], "n_kept": int(np.mean([r["n_kept"] for r in rs])),
+                    "attribution_s": float(np.mean([r["attribution_s"] for r in rs])),
+                    "exact_signatures_s": float(np.mean([r["exact_signatures_s"] for r in rs])),
+                    "time_ratio": float(np.mean([r["time_ratio"] for r in rs]))})
+    return out
+
+
+def screening_markdown(rows: list[dict]) -> str:
+    cols = ["task", "n_cases", "kept_exact_pick_rate", "n_sites", "n_kept", "attribution_s", "exact_signatures_s",
+            "time_ratio"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -151,11 +201,13 @@ def run(suite: str = "small", seeds: int | None = None, tasks: list[str] | None 
                 break
             print(f"{name} seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
     rows = aggregate(raw)
+    screen = screening_summary(raw)
     out = Path(out_dir)
     payload = {"suite": suite, "seeds": n_seeds, "device": str(device_t), "wall_s": time.perf_counter() - t0,
                "config": json.loads(json.dumps(cfg, default=list)), "versions": package_versions(),
-               "rows": rows, "raw": raw}
+               "rows": rows, "screening": screen, "raw": raw}
     atomic_write_json(out / f"{suite}.json", payload)
-    atomic_write_bytes(out / f"{suite}.md", (markdown(rows) + "\n").encode())
+    md = markdown(rows) + "\n\n" + screening_markdown(screen) + "\n"
+    atomic_write_bytes(out / f"{suite}.md", md.encode())
     plot(rows, out / f"{suite}.png")
     return payload

@@ -229,3 +229,40 @@ def attribution_scores(
     rt = time.perf_counter() - t0
     logger.info("attribution patching: %d sites x %d pairs, %d backward passes in %.2fs", len(sites), n, n_backward, rt)
     return AttributionScores(sites, variables, scores, est, rt, n_backward)
+
+
+#: default share of each variable's candidates an attribution screen keeps (at least ``ATTRIBUTION_MIN_KEEP``)
+ATTRIBUTION_KEEP_FRACTION = 0.25
+ATTRIBUTION_MIN_KEEP = 4
+
+
+def screen_attribution(model, sites, bank, *, variables, threshold=None, readout=None, bases=None, seed=0):
+    """Screener for ``Stage(screen="attribution")``: keep each variable's top sites by attribution score.
+
+    ``threshold`` is the share of candidates kept per variable (default 0.25, never fewer than
+    4 sites); the rest are dropped before exact signatures. Scores are the estimated
+    counterfactual-margin gains of :func:`attribution_scores` on the fit bank.
+    """
+    import math
+
+    from .schedule import ScreenResult
+
+    frac = ATTRIBUTION_KEEP_FRACTION if threshold is None else float(threshold)
+    if not 0 < frac <= 1:
+        raise SiteError(f"an attribution screen keeps a share of candidates in (0, 1]; got screen_threshold={threshold}")
+    est = attribution_scores(model, sites, bank, variables, readout=readout, bases=bases)
+    n_keep = min(len(sites), max(ATTRIBUTION_MIN_KEEP, math.ceil(frac * len(sites))))
+    by_var = {}
+    for v in variables:
+        top = set(est.top(v, n_keep))
+        by_var[v] = [j in top for j in range(len(sites))]
+    keep_any = [any(by_var[v][j] for v in variables) for j in range(len(sites))]
+    best = est.scores.max(0)
+    return ScreenResult(
+        scores=[float(x) for x in best], keep=keep_any, threshold=frac,
+        rule=f"per variable, the top {n_keep} of {len(sites)} sites by first-order margin gain (share {frac:g})",
+        info={"score": "attribution patching: mean estimated counterfactual-margin gain on changed fit pairs",
+              "n_backward": est.n_backward, "attribution_runtime_s": est.runtime_s,
+              "scores_by_variable": {v: [float(x) for x in est.scores[i]] for i, v in enumerate(variables)}},
+        keep_by_variable=by_var,
+    )

@@ -223,6 +223,17 @@ class Handle:
         preds = logits.argmax(-1)
         return iia_scores(preds, bank.labels(self.variable), bank.changed(self.variable))
 
+    def necessity(self, bank: PairBank, causal_model: Any = None, model: torch.nn.Module | None = None,
+                  **kwargs: Any) -> Any:
+        """Optimal-ablation necessity check of this handle's sites against ``causal_model``.
+
+        See :func:`pyvene_plot.ablation.necessity_check`; returns a
+        :class:`~pyvene_plot.ablation.NecessityResult` with one record.
+        """
+        from .ablation import necessity_check
+
+        return necessity_check(self._model(model), {self.variable: self}, bank, causal_model, **kwargs)
+
     def iia(self, bank: PairBank, model: torch.nn.Module | None = None) -> float:
         """Exact-match IIA on every pair of ``bank``."""
         return self.scores(bank, model)["iia"]

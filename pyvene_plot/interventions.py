@@ -19,6 +19,15 @@ with orthonormal rows, e.g. PCA components)::
 Only the span moves; the orthogonal complement of ``span(V)`` is untouched. With
 ``strength = 1`` and ``weight = 1`` the first is pyvene's vanilla interchange.
 
+``ObliqueSpanInterchangeIntervention`` (features of a non-orthogonal basis, e.g. LIB: decoder rows
+``R`` and encoder rows ``E``, both (r, d), with ``E @ R.T = I``)::
+
+    z = (h_src - h) @ E.T                                  # (r,) feature differences
+    h  <-  h + (strength * weight ⊙ z) @ R                 # an oblique projection
+
+It changes the chosen features to the source's and leaves every other feature of the basis
+unchanged; with ``E = R`` orthonormal it equals ``SoftSpanInterchangeIntervention``.
+
 Per-call overrides (used by pyvene_plot's batched sweeps): pass, as this intervention's
 ``subspaces`` entry, a float Tensor of shape ``(B, d)`` (or ``(B, r)``) holding per-row effective
 coefficients ``strength * weight``; or the usual pyvene list of per-row coordinate lists, which
@@ -34,7 +43,12 @@ import torch
 
 from .errors import PlotError
 
-__all__ = ["SoftInterchangeIntervention", "SoftSpanInterchangeIntervention", "intervention_position"]
+__all__ = [
+    "SoftInterchangeIntervention",
+    "SoftSpanInterchangeIntervention",
+    "ObliqueSpanInterchangeIntervention",
+    "intervention_position",
+]
 
 
 def _coefficients(
@@ -210,3 +224,103 @@ class SoftSpanInterchangeIntervention(pv.TrainableIntervention, pv.DistributedRe
 
     def __str__(self) -> str:
         return f"SoftSpanInterchangeIntervention(rank={self.rank}, strength={float(self.strength):g})"
+
+
+class ObliqueSpanInterchangeIntervention(pv.TrainableIntervention, pv.DistributedRepresentationIntervention):
+    """Soft interchange of the features of a non-orthogonal basis (an oblique projection).
+
+    With decoder rows ``R`` (r, d) (e.g. LIB's ``C⁺``) and encoder rows ``E`` (r, d) (LIB's ``Cᵀ``),
+    features are ``z = h @ E.T`` and the intervention is::
+
+        h  <-  h + (strength * weight ⊙ ((h_src - h) @ E.T)) @ R
+
+    With ``strength = weight = 1`` the features ``E`` of the result equal the source's and, because
+    ``E @ R.T = I``, every other feature of a complete biorthogonal basis is the base's. Build it with
+    :meth:`pyvene_plot.bases.Basis.intervention`.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Width ``d`` of the hooked component.
+    low_rank_dimension : int
+        Number ``r`` of features (a ``RepresentationConfig`` field, so it survives ``load``).
+    basis : Tensor, shape (r, d), optional
+        Decoder rows ``R``; default the first ``r`` standard basis vectors.
+    encoder : Tensor, shape (r, d), optional
+        Encoder rows ``E``; default ``basis`` (then it must be orthonormal).
+    weight : Tensor, shape (r,), optional
+        Per-feature weights; default all ones.
+    strength : float, default 1.0
+    position : int, optional
+        Token position of the site (stored as a buffer).
+
+    Notes
+    -----
+    ``basis``, ``encoder``, ``weight`` and ``strength`` are buffers: ``IntervenableModel.save`` /
+    ``load`` restore them. Per-row coefficients can be passed through ``subspaces`` as for the other
+    PLOT interventions.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        basis = kwargs.pop("basis", None)
+        encoder = kwargs.pop("encoder", None)
+        weight = kwargs.pop("weight", None)
+        strength = kwargs.pop("strength", 1.0)
+        position = kwargs.pop("position", None)
+        super().__init__(**kwargs)
+        _register_position(self, position)
+        self.keep_last_dim = True
+        if basis is not None:
+            basis = torch.as_tensor(basis, dtype=torch.float32)
+        if self.embed_dim is None:
+            if basis is None:
+                raise PlotError("ObliqueSpanInterchangeIntervention needs embed_dim or an explicit basis=")
+            self.register_buffer("embed_dim", torch.tensor(int(basis.shape[1])))
+            self.register_buffer("interchange_dim", torch.tensor(int(basis.shape[1])))
+        d = int(self.embed_dim)
+        r = kwargs.get("low_rank_dimension")
+        r = int(r) if r is not None else (int(basis.shape[0]) if basis is not None else d)
+        if basis is None:
+            basis = torch.eye(d)[:r]
+        encoder = basis if encoder is None else torch.as_tensor(encoder, dtype=torch.float32)
+        self.register_buffer("basis", torch.zeros(r, d))
+        self.register_buffer("encoder", torch.zeros(r, d))
+        self.set_basis(basis, encoder)
+        w = torch.ones(r) if weight is None else torch.as_tensor(weight, dtype=torch.float32).flatten().clone()
+        if w.numel() != r:
+            raise PlotError(f"weight has {w.numel()} entries but the basis has {r} features")
+        self.register_buffer("weight", w.float())
+        self.register_buffer("strength", torch.tensor(float(strength)))
+
+    def set_basis(self, basis: torch.Tensor, encoder: torch.Tensor, atol: float = 1e-3) -> None:
+        """Replace decoder and encoder rows; they must be biorthogonal (``encoder @ basis.T == I``)."""
+        basis = torch.as_tensor(basis, dtype=torch.float32)
+        encoder = torch.as_tensor(encoder, dtype=torch.float32)
+        if basis.shape != self.basis.shape or encoder.shape != self.basis.shape:
+            raise PlotError(
+                f"basis and encoder must both have shape {tuple(self.basis.shape)}, got "
+                f"{tuple(basis.shape)} and {tuple(encoder.shape)}"
+            )
+        cross = encoder.double() @ basis.double().T
+        if not torch.allclose(cross, torch.eye(basis.shape[0], dtype=torch.float64), atol=atol):
+            raise PlotError(
+                "encoder and basis rows must be biorthogonal (encoder @ basis.T == I); build them with "
+                "pyvene_plot.bases (Basis.intervention) or pass an orthonormal basis without encoder"
+            )
+        self.basis.copy_(basis.to(self.basis.device))
+        self.encoder.copy_(encoder.to(self.encoder.device))
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    def forward(self, base: torch.Tensor, source: torch.Tensor, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
+        R = self.basis.to(device=base.device, dtype=base.dtype)
+        E = self.encoder.to(device=base.device, dtype=base.dtype)
+        coef = _coefficients(self.strength * self.weight, subspaces, base.shape[0], R.shape[0], base.device, base.dtype)
+        coef = _broadcast_rows(coef, base)
+        z = (source.to(base.dtype) - base) @ E.T
+        return base + (coef * z) @ R
+
+    def __str__(self) -> str:
+        return f"ObliqueSpanInterchangeIntervention(rank={self.rank}, strength={float(self.strength):g})"

@@ -124,6 +124,24 @@ class AlignmentResult:
         out = {v: self.baseline[v].scores(bank, self.model) for v in self.variables}
         return out if detail else {v: s["iia"] for v, s in out.items()}
 
+    def necessity(self, bank: PairBank, causal_model: Any = None, variables: list[str] | None = None,
+                  **kwargs: Any) -> Any:
+        """Optimal-ablation necessity check of each variable's handle.
+
+        OA-ablates the sites of ``handles[v]`` and compares the loss gap with the exact optimal
+        ablation of ``v`` in ``causal_model`` (e.g. ``task.causal_model``); see
+        :func:`pyvene_plot.ablation.necessity_check` for the definitions and keyword options.
+        Returns a :class:`~pyvene_plot.ablation.NecessityResult`.
+        """
+        from .ablation import necessity_check
+
+        if self.model is None:
+            raise PlotError("this result is not attached to a model; call result.attach(model) first")
+        vs = list(variables) if variables is not None else list(self.variables)
+        for v in vs:
+            self._row(v)
+        return necessity_check(self.model, {v: self.handles[v] for v in vs}, bank, causal_model, **kwargs)
+
     def n_sites_selected(self) -> dict[str, int]:
         return {v: len(h.sites) for v, h in self.handles.items()}
 

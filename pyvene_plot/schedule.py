@@ -9,7 +9,7 @@ from .errors import PlotError
 
 __all__ = ["Stage", "STAGE_KINDS"]  # extended below
 
-STAGE_KINDS = ("layer", "position", "coordinates", "pca")
+STAGE_KINDS = ("layer", "position", "coordinates", "pca", "lib")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,16 +18,21 @@ class Stage:
 
     Parameters
     ----------
-    kind : {"layer", "position", "coordinates", "pca"}
+    kind : {"layer", "position", "coordinates", "pca", "lib"}
         ``layer``: one whole-vector site per layer (per timestep for recurrent models);
         ``position``: token positions inside the kept layers; ``coordinates``: contiguous
         coordinate groups inside the kept site; ``pca``: bands of a centred PCA basis fitted on the
-        fit bank's activations at the kept site.
+        fit bank's activations at the kept site; ``lib``: bands of a Local Interaction Basis
+        (:func:`pyvene_plot.bases.lib_basis`, output-Jacobian variant on the searcher's readout
+        logits) at the kept site. LIB directions are not orthogonal: the bands are taken from
+        :meth:`~pyvene_plot.bases.Basis.orthonormal_rows` (QR of the LIB encoder in importance
+        order, so the union of the top bands spans exactly what the top LIB features read) and
+        interchanged with PLOT's orthogonal span intervention, not LIB's oblique one.
     group_sizes : tuple of int
         Widths of the coordinate groups (``coordinates`` stages); several widths give overlapping
         candidates.
     bands : int
-        Number of equal PCA bands (``pca`` stages).
+        Number of equal bands of the basis, most important first (``pca`` and ``lib`` stages).
     keep : int, optional
         Sites kept per variable after this stage; default the scheduler's ``keep``.
     method : str, optional
@@ -42,6 +47,21 @@ class Stage:
         Calibration grids for this stage. Coarse stages default to ``top_k=(1,)``, ``lambdas=(1.0,)``
         (a full swap of one site: only the choice of site matters there, as in the reference's
         Stage A); fine stages default to the searcher's grids.
+    screen : str, optional
+        Screener run on the stage's candidates *before* transport (see :func:`register_screener`):
+        ``"oa"`` drops sites whose optimal-ablation gap Δ_opt is negligible, ``"mean"`` sites whose
+        mean-ablation gap is (no training; more conservative), ``"attribution"`` keeps each
+        variable's top share of sites by attribution patching (a first-order estimate of the
+        interchange effect from one backward pass per variable; see
+        :mod:`pyvene_plot.attribution`). Candidates a screener drops are
+        never measured; what was dropped, the threshold and every score are kept in
+        ``Localization.screens``. A variable whose candidates would all be dropped keeps its
+        best-scoring ``keep`` sites.
+    screen_threshold : float, optional
+        Score at or below which a site is dropped (loss units, e.g. nats); default: the
+        screener's own conservative rule (``"oa"`` / ``"mean"``: below both 1e-4 and 1 % of the
+        largest score). For ``"attribution"`` it is the share of candidates kept per variable
+        (default 0.25, at least 4 sites).
     """
 
     kind: str
@@ -53,6 +73,8 @@ class Stage:
     positions: tuple[int, ...] | None = None
     top_k: tuple[int, ...] | None = None
     lambdas: tuple[float, ...] | None = None
+    screen: str | None = None
+    screen_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
@@ -67,9 +89,96 @@ class Stage:
             raise PlotError(f"keep must be >= 1 (sites kept per variable), got {self.keep}")
         if self.positions is not None:
             object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+        if self.screen is not None and self.screen not in screener_names():
+            raise PlotError(f"unknown screener {self.screen!r}; registered: {screener_names()} (see register_screener)")
+        if self.screen_threshold is not None and not float(self.screen_threshold) >= 0:
+            raise PlotError(f"screen_threshold must be >= 0, got {self.screen_threshold}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------- screening
+@dataclasses.dataclass
+class ScreenResult:
+    """What a screener returns for a stage's candidate sites.
+
+    Attributes
+    ----------
+    scores : list of float
+        One score per candidate (higher = more important), in candidate order.
+    keep : list of bool
+        Which candidates survive (for every variable).
+    threshold : float or None
+        The threshold applied.
+    rule : str
+        The rule in words (for reports).
+    info : dict
+        Anything else worth reporting (score definition, data used, timings).
+    keep_by_variable : dict of str to list of bool, optional
+        Per-variable survival (overrides ``keep`` for that variable), for screeners that score
+        sites per variable.
+    """
+
+    scores: list
+    keep: list
+    threshold: float | None = None
+    rule: str = ""
+    info: dict = dataclasses.field(default_factory=dict)
+    keep_by_variable: dict | None = None
+
+
+#: ``name -> screener``; a screener is called as ``fn(model, sites, bank, *, variables, threshold,
+#: readout, bases, seed)`` and returns a :class:`ScreenResult`
+SCREENERS: dict[str, Any] = {}
+_BUILTIN_SCREENERS_LOADED = False
+
+
+def register_screener(name: str, fn: Any, overwrite: bool = False) -> None:
+    """Register a screener for ``Stage(screen=name)``.
+
+    Parameters
+    ----------
+    name : str
+    fn : callable
+        ``fn(model, sites, bank, *, variables, threshold, readout, bases, seed) -> ScreenResult``;
+        ``sites`` are the stage's candidates (union over variables), ``bank`` the fit bank,
+        ``threshold`` the stage's ``screen_threshold`` (None: the screener's default rule).
+    overwrite : bool
+        Replace an existing registration.
+    """
+    if not callable(fn):
+        raise PlotError(f"screener {name!r} must be callable")
+    if name in SCREENERS and not overwrite:
+        raise PlotError(f"screener {name!r} is already registered; pass overwrite=True to replace it")
+    SCREENERS[name] = fn
+
+
+def _load_builtin_screeners() -> None:
+    global _BUILTIN_SCREENERS_LOADED
+    if _BUILTIN_SCREENERS_LOADED:
+        return
+    _BUILTIN_SCREENERS_LOADED = True
+    from .ablation import screen_mean, screen_oa
+
+    SCREENERS.setdefault("oa", screen_oa)
+    SCREENERS.setdefault("mean", screen_mean)
+    from .attribution import screen_attribution
+
+    SCREENERS.setdefault("attribution", screen_attribution)
+
+
+def screener_names() -> list[str]:
+    """Registered screener names."""
+    _load_builtin_screeners()
+    return sorted(SCREENERS)
+
+
+def get_screener(name: str) -> Any:
+    _load_builtin_screeners()
+    if name not in SCREENERS:
+        raise PlotError(f"unknown screener {name!r}; registered: {sorted(SCREENERS)} (see register_screener)")
+    return SCREENERS[name]
 
 
 # ---------------------------------------------------------------------------------------- scheduler
@@ -89,32 +198,14 @@ from .utils import atomic_write_json  # noqa: E402
 
 _log = _logging.getLogger(__name__)
 
-__all__ += ["ProgressiveScheduler", "Localization", "fit_pca_basis"]
+__all__ += ["ProgressiveScheduler", "Localization", "fit_pca_basis", "ScreenResult", "register_screener",
+            "screener_names"]
 
 #: stage kinds that count as coarse (default solver one-sided UOT)
 COARSE_KINDS = ("layer", "position")
 
 
-def fit_pca_basis(acts: _torch.Tensor, rtol: float = 1e-6) -> tuple[_np.ndarray, _np.ndarray, _np.ndarray]:
-    """Centred PCA of activations ``(n, d)``.
-
-    Returns
-    -------
-    V : ndarray, shape (r, d)
-        Orthonormal principal directions (rows), ``r`` = numerical rank.
-    mean : ndarray, shape (d,)
-    explained : ndarray, shape (r,)
-        Variance explained by each component.
-    """
-    X = acts.double().cpu()
-    mean = X.mean(0)
-    U, S, Vh = _torch.linalg.svd(X - mean, full_matrices=False)
-    tol = rtol * max(X.shape) * (float(S[0]) if S.numel() else 0.0)
-    r = int((S > tol).sum())
-    if r == 0:
-        raise SiteError("activations at this site do not vary on the fit bank; a PCA basis cannot be fitted")
-    var = (S[:r] ** 2) / max(1, X.shape[0] - 1)
-    return Vh[:r].float().numpy(), mean.float().numpy(), var.float().numpy()
+from .bases import fit_pca_basis  # noqa: E402  (re-exported here; lives with the other basis builders)
 
 
 class Localization:
@@ -130,13 +221,13 @@ class Localization:
         Per stage and variable, for each kept site: ``"handle"`` (a site of the calibrated handle)
         or ``"ranking"`` (fallback from the coupling ranking when the handle had fewer sites).
     bases : dict of str to ndarray
-        PCA bases fitted by ``pca`` stages.
+        Orthonormal bases (rows) fitted by ``pca`` and ``lib`` stages, keyed ``"pca:..."`` / ``"lib:..."``.
     runtime_s : float
         Total wall time: all stages plus PCA fits.
     """
 
     def __init__(self, model, variables, stages, kept, kept_reason, bases, runtime_s, stage_specs, extra_s,
-                 candidates=None, pca_info=None):
+                 candidates=None, pca_info=None, screens=None):
         self.model = model
         self.variables = list(variables)
         self.stages: list[AlignmentResult] = stages
@@ -148,8 +239,10 @@ class Localization:
         self.extra_s = extra_s
         #: per stage, ``variable -> list of Site`` it was allowed to use
         self.candidates: list[dict[str, list[Site]]] = candidates or []
-        #: per PCA basis: number of states it was fitted on and its rank
+        #: per PCA / LIB basis: number of states it was fitted on and its rank (LIB: ``kind``, importances)
         self.pca_info: dict[str, dict] = pca_info or {}
+        #: per stage, None or the screening report (screener, threshold, rule, scores, dropped sites, ...)
+        self.screens: list[dict | None] = screens or [None] * len(stages)
 
     def __repr__(self) -> str:
         kinds = "→".join(s.kind for s in self.stage_specs)
@@ -163,8 +256,9 @@ class Localization:
         return int(sum(len(r.sites) for r in self.stages))
 
     def runtime_until(self, n_stages: int) -> float:
-        """Wall time of the first ``n_stages`` stages (PCA fits of those stages included)."""
-        return float(sum(r.runtime_s for r in self.stages[:n_stages]) + sum(self.extra_s[:n_stages]))
+        """Wall time of the first ``n_stages`` stages (PCA fits and screening of those stages included)."""
+        screen_s = sum((sc or {}).get("runtime_s", 0.0) for sc in self.screens[:n_stages])
+        return float(sum(r.runtime_s for r in self.stages[:n_stages]) + sum(self.extra_s[:n_stages]) + screen_s)
 
     def evaluate(self, bank: PairBank, stage: int = -1, detail: bool = False) -> dict:
         """Transport-only IIA of a stage's handles (default: the last stage)."""
@@ -246,6 +340,7 @@ class Localization:
             "pca_runtime_s": self.extra_s,
             "pca_info": self.pca_info,
             "n_candidates": [{v: len(c) for v, c in cs.items()} for cs in self.candidates],
+            "screens": self.screens,
         }
 
     def to_json(self, path) -> object:
@@ -295,7 +390,7 @@ class ProgressiveScheduler:
         self.keep = int(keep)
         self.searcher = searcher if searcher is not None else OTAlignmentSearcher()
         for i, st in enumerate(self.stages):
-            if i == 0 and st.kind not in ("layer", "position", "coordinates", "pca"):
+            if i == 0 and st.kind not in ("layer", "position", "coordinates", "pca", "lib"):
                 raise PlotError(f"unknown first stage {st.kind!r}")
 
     def run(
@@ -315,7 +410,7 @@ class ProgressiveScheduler:
                     f"stage kind 'position' needs a model with token positions; {spec.model_type.__name__} has none "
                     "(use 'layer' then 'coordinates' or 'pca')"
                 )
-        results, kept_all, reasons_all, extra, cands_all = [], [], [], [], []
+        results, kept_all, reasons_all, extra, cands_all, screens = [], [], [], [], [], []
         bases: dict[str, _np.ndarray] = {}
         self._pca_info: dict[str, dict] = {}
         kept: dict[str, list[Site]] | None = None
@@ -323,8 +418,12 @@ class ProgressiveScheduler:
             t_extra = _time.perf_counter()
             cands, allowed, stage_bases = self._candidates(st, model, spec, fit_bank, kept, variables)
             bases.update(stage_bases)
+            screen_info = None
+            if st.screen is not None:
+                cands, allowed, screen_info = self._screen(st, model, cands, allowed, fit_bank, bases, variables)
+            screens.append(screen_info)
             cands_all.append({v: [cands[j] for j in allowed[v]] for v in variables})
-            extra.append(_time.perf_counter() - t_extra if st.kind == "pca" else 0.0)
+            extra.append(_time.perf_counter() - t_extra if st.kind in ("pca", "lib") else 0.0)
             method = st.method or ("uot" if st.kind in COARSE_KINDS else self.searcher.method)
             overrides = {"method": method}
             if st.kind in COARSE_KINDS:
@@ -349,9 +448,51 @@ class ProgressiveScheduler:
             reasons_all.append(reasons)
         runtime = _time.perf_counter() - t0
         return Localization(model, variables, results, kept_all, reasons_all, bases, runtime, self.stages, extra,
-                            candidates=cands_all, pca_info=dict(self._pca_info))
+                            candidates=cands_all, pca_info=dict(self._pca_info), screens=screens)
 
     # ------------------------------------------------------------------------------------
+    def _screen(self, st: Stage, model, cands, allowed, bank: PairBank, bases, variables):
+        """Run the stage's screener and drop candidates; returns (cands, allowed, report)."""
+        t0 = _time.perf_counter()
+        fn = get_screener(st.screen)
+        readout = getattr(self.searcher, "readout", None) or getattr(bank, "readout", None)
+        stage_bases = {k: v for k, v in bases.items() if any(c.basis == k for c in cands)}
+        rep = fn(model, list(cands), bank, variables=list(variables), threshold=st.screen_threshold,
+                 readout=readout, bases=stage_bases, seed=int(getattr(self.searcher, "seed", 0) or 0))
+        if len(rep.scores) != len(cands) or len(rep.keep) != len(cands):
+            raise PlotError(f"screener {st.screen!r} returned {len(rep.keep)} decisions for {len(cands)} candidates")
+        keep = st.keep or self.keep
+        by_var = {v: list((rep.keep_by_variable or {}).get(v, rep.keep)) for v in variables}
+        rescued = {}
+        for v in variables:
+            if not any(by_var[v][j] for j in allowed[v]):  # never leave a variable without candidates
+                best = sorted(allowed[v], key=lambda j: -float(rep.scores[j]))[:keep]
+                for j in best:
+                    by_var[v][j] = True
+                rescued[v] = [cands[j].label for j in best]
+        allowed_sets = {v: set(allowed[v]) for v in variables}
+        survive = [j for j in range(len(cands)) if any(by_var[v][j] and j in allowed_sets[v] for v in variables)]
+        index = {j: n for n, j in enumerate(survive)}
+        new_cands = [cands[j] for j in survive]
+        new_allowed = {v: [index[j] for j in allowed[v] if by_var[v][j]] for v in variables}
+        dropped = [cands[j].label for j in range(len(cands)) if j not in index]
+        report = {
+            "screener": st.screen,
+            "threshold": rep.threshold,
+            "rule": rep.rule,
+            "n_candidates": len(cands),
+            "n_kept": len(new_cands),
+            "n_dropped": len(dropped),
+            "dropped": dropped,
+            "scores": {c.label: float(sc) for c, sc in zip(cands, rep.scores)},
+            "rescued": rescued,
+            "info": dict(rep.info),
+            "runtime_s": _time.perf_counter() - t0,
+        }
+        _log.info("stage %s: screener %r dropped %d of %d candidates (%s)", st.kind, st.screen, len(dropped),
+                  len(cands), rep.rule)
+        return new_cands, new_allowed, report
+
     @staticmethod
     def _select(res: AlignmentResult, allowed: _Mapping[str, _Sequence[int]], keep: int):
         kept, reasons = {}, {}
@@ -371,6 +512,20 @@ class ProgressiveScheduler:
             kept[v] = ks
             reasons[v] = rs
         return kept, reasons
+
+    def _fit_lib(self, key: str, model, par: Site, bank: PairBank) -> _np.ndarray:
+        """LIB basis (output Jacobian of the searcher's readout) at a kept site; orthonormal rows for the engine."""
+        from .bases import lib_basis
+
+        readout = self.searcher.readout or getattr(bank, "readout", None)
+        basis = lib_basis(model, Site(par.layer, par.component, par.position), bank, readout=readout)
+        self._pca_info[key] = {"kind": "lib", "n_states": int(basis.info["n_states"]), "rank": basis.rank,
+                               "importances": basis.importances.tolist(),
+                               "jacobian_target": basis.info.get("jacobian_target"),
+                               "orthonormalisation": "nested QR of the LIB encoder rows in importance order",
+                               "states": "fit-bank bases and sources at the kept site"}
+        _log.info("LIB basis %s built on %d states (rank %d)", key, basis.info["n_states"], basis.rank)
+        return basis.orthonormal_rows().astype(_np.float32)
 
     def _candidates(self, st: Stage, model, spec, bank: PairBank, kept, variables):
         """Candidate sites (union over variables) and, per variable, the indices it may use."""
@@ -394,7 +549,7 @@ class ProgressiveScheduler:
                 sites = []
                 for par in parents:
                     if par.basis is not None:
-                        raise PlotError("a coordinates stage cannot follow a pca stage (coordinates are native)")
+                        raise PlotError("a coordinates stage cannot follow a pca/lib stage (coordinates are native)")
                     dims = list(par.dims) if par.dims is not None else list(range(spec.dim(par.component)))
                     for g in st.group_sizes:
                         if g > len(dims):
@@ -404,12 +559,14 @@ class ProgressiveScheduler:
                 if not sites:
                     raise SiteError(f"coordinates stage produced no candidates for {v!r} (group sizes {st.group_sizes} exceed the support)")
                 per_var[v] = list(dict.fromkeys(sites))
-        else:  # pca
+        else:  # pca / lib: bands of a basis fitted at each kept site
             for v in variables:
                 parents = kept[v] if kept is not None else [Site(l, st.component, -1) for l in range(spec.n_layers)]
                 sites = []
                 for par in parents:
-                    key = f"pca:L{par.layer}:{par.component}@{par.position}"
+                    key = f"{st.kind}:L{par.layer}:{par.component}@{par.position}"
+                    if key not in stage_bases and st.kind == "lib":
+                        stage_bases[key] = self._fit_lib(key, model, par, bank)
                     if key not in stage_bases:
                         acts = _site_activations(model, par, bank)
                         V, _mean, _var = fit_pca_basis(acts)

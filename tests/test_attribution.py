@@ -63,3 +63,19 @@ def test_bad_input_is_named(heq_task):
         attribution_scores(t.model, [], t.fit)
     with pytest.raises(pp.SiteError):
         attribution_scores(t.model, [pp.Site(layer=7, component="block_output", position=-1)], t.fit)
+
+
+def test_attribution_screen_in_a_schedule_keeps_the_carrier(planted_task):
+    t = planted_task
+    searcher = pp.OTAlignmentSearcher(method="ot", top_k=(1, 2), lambdas=(1.0, 2.0), progress=False)
+    stage = pp.Stage("coordinates", group_sizes=(1,), screen="attribution", screen_threshold=0.2)
+    loc = pp.ProgressiveScheduler([stage], searcher=searcher).run(t.model, t.fit, t.calibration)
+    rep = loc.screens[0]
+    assert rep["screener"] == "attribution" and rep["n_dropped"] > 0
+    assert rep["n_kept"] + rep["n_dropped"] == rep["n_candidates"]
+    for v in ("WX", "YZ"):
+        survivors = set(loc.candidates[0][v])
+        assert survivors & set(t.info["carriers"][v]), f"the screen dropped every carrier of {v}"
+        assert loc.final.ranking(v)[0] in t.info["carriers"][v]
+    with pytest.raises(pp.PlotError, match="unknown screener"):
+        pp.Stage("layer", screen="nope")
