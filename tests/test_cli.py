@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import pyvene_plot as pp
 from pyvene_plot.cli import main
 
@@ -54,7 +56,6 @@ def test_cli_reports_plot_errors(tmp_path, capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["run", "--task", "planted", "--quiet"])
     args.func = boom
-    import argparse
 
     orig = cli.build_parser
     try:
@@ -64,3 +65,14 @@ def test_cli_reports_plot_errors(tmp_path, capsys):
         cli.build_parser = orig
     assert rc == 2
     assert "error: bad input named here" in capsys.readouterr().err
+
+
+def test_task_options_parse_and_unknown_option_is_named(capsys):
+    from pyvene_plot.cli import _task_options, main
+
+    assert _task_options(["n_fit=80", "l1=0.5", "flag=true", "name=abc"]) == {
+        "n_fit": 80, "l1": 0.5, "flag": True, "name": "abc"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        _task_options(["n_fit"])
+    with pytest.raises(SystemExit, match="does not take options"):
+        main(["run", "--task", "planted", "--quiet", "--task-option", "bogus=1"])
