@@ -11,6 +11,8 @@ method               runtime charged
                      every calibration of the sweep
 ``plot_refined``     every stage of the schedule (plus PCA fits)
 ``plot_das``         every stage + DAS on the narrowed specs (all sizes, all variables)
+``plot_das_coarse``  the coarse stages + DAS on the whole vectors they kept (PLOT as a pure
+                     site filter for DAS: no refinement stage)
 ``full_das``         DAS on every layer x position (the coarse stage's candidate positions, all
                      positions if it names none) x the same subspace-size grid
 ===================  ==========================================================================
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["compare", "Comparison", "METHODS"]
 
-METHODS = ("plot", "plot_refined", "plot_das", "full_das", "best_site")
+METHODS = ("plot", "plot_refined", "plot_das", "plot_das_coarse", "full_das", "best_site")
 
 
 def task_signatures(task) -> tuple[str, ...]:
@@ -131,7 +133,7 @@ def compare(
     ----------
     task : pyvene_plot.tasks.Task
     methods : tuple of str
-        Any of ``plot``, ``plot_refined``, ``plot_das``, ``full_das``, ``best_site``.
+        Any of ``plot``, ``plot_refined``, ``plot_das``, ``plot_das_coarse``, ``full_das``, ``best_site``.
     searcher : OTAlignmentSearcher, optional
         Default: balanced ``ot`` for fine stages (coarse stages use one-sided ``uot``), the task's
         readout, and a signature sweep chosen on calibration.
@@ -172,7 +174,7 @@ def compare(
                                "das_kwargs": {k: v for k, v in das_kwargs.items() if k != "readout"}}
     t0 = time.perf_counter()
 
-    need_loc = any(m in methods for m in ("plot", "plot_refined", "plot_das", "best_site"))
+    need_loc = any(m in methods for m in ("plot", "plot_refined", "plot_das", "plot_das_coarse", "best_site"))
     loc = None
     if need_loc:
         loc = ProgressiveScheduler(stages, searcher, keep=keep).run(model, task.fit, task.calibration, variables)
@@ -218,6 +220,14 @@ def compare(
         details["trainer"] = das.trainer
         add_rows("plot_das", {v: das.best[v].scores(task.test) for v in variables}, loc.runtime_s + das.runtime_s,
                  loc.n_sites_evaluated(), das.n_trained, {v: das.best[v].describe() for v in variables})
+    if "plot_das_coarse" in methods:
+        cspecs = loc.das_specs(sizes, stage=n_coarse - 1)
+        das_c = run_das(model, cspecs, task.fit, task.calibration, variables, **das_kwargs)
+        details["plot_das_coarse"] = das_c.to_dict()
+        add_rows("plot_das_coarse", {v: das_c.best[v].scores(task.test) for v in variables},
+                 loc.runtime_until(n_coarse) + das_c.runtime_s,
+                 sum(len(x.sites) for x in loc.stages[:n_coarse]), das_c.n_trained,
+                 {v: das_c.best[v].describe() for v in variables})
     if "full_das" in methods:
         spec = model_spec(model)
         positions = None

@@ -13,7 +13,7 @@ import pyvene_plot as pp
 def binary_cmp(tmp_path_factory):
     task = pp.tasks.load("binary_addition", seed=0)
     out = tmp_path_factory.mktemp("cmp_binary")
-    cmp = pp.compare(task, methods=("plot", "plot_das", "full_das", "best_site"), subspace_sizes=(2, 4),
+    cmp = pp.compare(task, methods=("plot", "plot_das", "plot_das_coarse", "full_das", "best_site"), subspace_sizes=(2, 4),
                      das_kwargs={"epochs": 8}, progress=False, out=out)
     return task, cmp, out
 
@@ -30,13 +30,18 @@ def test_binary_guided_das_within_002_of_full_das(binary_cmp):
         # guided DAS trains fewer candidates than Full DAS and is charged for the localisation too
         assert guided["n_trained"] < full["n_trained"]
         assert guided["runtime_s"] > _row(cmp, "plot", v)["runtime_s"]
+        # coarse-only guided DAS: the kept timestep's whole vector, one spec x 2 sizes per variable
+        coarse = _row(cmp, "plot_das_coarse", v)
+        assert coarse["n_trained"] == 2 * len(task.variables)
+        assert coarse["iia"] >= full["iia"] - 0.02, (v, coarse["iia"], full["iia"])
+        assert coarse["runtime_s"] < full["runtime_s"]
 
 
 def test_compare_rows_and_outputs(binary_cmp):
     task, cmp, out = binary_cmp
     keys = {"method", "variable", "iia", "runtime_s", "n_sites_evaluated", "n_trained", "ratio_to_full_das"}
     assert all(keys <= set(r) for r in cmp.rows)
-    assert {r["method"] for r in cmp.rows} == {"plot", "plot_das", "full_das", "best_site"}
+    assert {r["method"] for r in cmp.rows} == {"plot", "plot_das", "plot_das_coarse", "full_das", "best_site"}
     for r in cmp.rows:
         assert r["ratio_to_full_das"] == pytest.approx(r["runtime_s"] / _row(cmp, "full_das", r["variable"])["runtime_s"])
     assert _row(cmp, "full_das", "C1")["n_trained"] == 5 * 2 * 3  # 5 timesteps x 2 sizes x 3 variables
