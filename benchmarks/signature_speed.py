@@ -7,7 +7,7 @@ For a task's candidate sites and its fit bank, three ways to get the full-swap o
 * ``floor`` — the issue's floor: source activations cached once, then one forward pass over the bank per
   site with a raw PyTorch forward hook that writes the source activation (no pyvene at all);
 * ``engine`` — :func:`pyvene_plot.collect_site_effects` as PLOT runs it (source collection, clean
-  forward and every site's rows included; prefix caching on when the model allows it), and, for
+  forward and every site's rows included; default prefix_cache="auto"), and, for
   reference, the same with prefix caching switched off (``engine_noprefix``).
 
 All three produce the same readout logits (checked: max abs difference printed). Prints milliseconds
@@ -157,10 +157,13 @@ def measure(name: str, n_pairs: int | None, max_sites: int | None) -> dict:
     if max_sites is not None and max_sites < len(sites):  # evenly spread over the layers
         sites = [sites[int(i)] for i in torch.linspace(0, len(sites) - 1, max_sites).round().long().unique()]
     readout = task.readout
+    # warm-up (allocator, pyvene hook setup), untimed, so the first method is not charged for it
+    floor_logits(model, sites[:2], bank, readout)
+    engine_logits(model, sites[:2], bank, task.variables, readout, prefix="auto")
     fl, t_floor = floor_logits(model, sites, bank, readout)
     nv, t_naive = naive_logits(model, sites, bank, readout)
     eff0, t_eng0 = engine_logits(model, sites, bank, task.variables, readout, prefix=False)
-    eff1, t_eng1 = engine_logits(model, sites, bank, task.variables, readout, prefix=True)
+    eff1, t_eng1 = engine_logits(model, sites, bank, task.variables, readout, prefix="auto")
     cols = torch.tensor(eff1.label_set)
     diff = max(float((fl[..., cols] - eff1.logits).abs().max()), float((nv[..., cols] - eff1.logits).abs().max()),
                float((eff0.logits - eff1.logits).abs().max()))

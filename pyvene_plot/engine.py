@@ -82,8 +82,9 @@ class InterchangeEngine:
         temporarily replaced by a lookup of the cached outputs, so only the part of the network
         after the site runs. pyvene's hooks still fire on the replayed blocks, so interventions are
         unchanged and outputs are identical (tested). ``"auto"`` enables it for models in eval mode
-        whose blocks are each called once per forward and return a tensor (or a tuple whose other
-        entries are ``None``), within ``prefix_cache_mb`` of memory.
+        with token positions whose blocks are each called once per forward and return a tensor (or a
+        tuple whose other entries are ``None``), within ``prefix_cache_mb`` of memory; ``True``
+        forces it on for any block chain (MLPs, step RNNs), where it is exact but saves little.
     prefix_cache_mb : float
         Memory cap for the cached block outputs of one bank.
     """
@@ -151,7 +152,10 @@ class InterchangeEngine:
         if prefix_cache not in (True, False, "auto"):
             raise SiteError(f"prefix_cache must be True, False or 'auto', got {prefix_cache!r}")
         self.prefix_cache_mb = float(prefix_cache_mb)
-        self._blocks, self._depth = self._replay_plan() if prefix_cache else ([], {})
+        # "auto": token-sequence models only; for small position-less models (MLPs, step RNNs whose
+        # cells run anyway) replaying saves nothing and its hooks cost time (measured)
+        wanted = prefix_cache is True or (prefix_cache == "auto" and self.spec.has_positions)
+        self._blocks, self._depth = self._replay_plan() if wanted else ([], {})
         self._prefix: dict | None = None  # {"key": ..., "outs": [Tensor (N, ...)], "tuple": [bool]}
         self._replay_rows: torch.Tensor | None = None
         self._keep_last_logits = self._accepts_logits_to_keep()
