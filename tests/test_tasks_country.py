@@ -238,3 +238,10 @@ def test_all_countries_mode_drops_wrong_pairs(task):
         b = getattr(t, s)
         assert len(b) == (20 if s == "fit" else 10)
         assert b.meta["n_candidates"] == b.meta["n_kept"] + b.meta["n_dropped"]
+
+
+def test_both_lm_tasks_share_the_cpu_compare_budget():
+    from pyvene_plot.tasks import country_facts, ioi
+
+    assert country_facts.LM_COMPARE_OPTIONS is ioi.LM_COMPARE_OPTIONS
+    assert ioi.LM_COMPARE_OPTIONS["subspace_sizes"] == (8,)

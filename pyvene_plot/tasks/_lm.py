@@ -115,3 +115,8 @@ def filtered_lm_bank(
         meta=meta,
         readout=Readout(position="last", label_tokens=tuple(int(t) for t in label_tokens)),
     )
+
+
+#: ``pp.compare`` settings for the SmolLM2 tasks on CPU: one subspace size and two epochs, shared by
+#: PLOT-guided and Full DAS (Full DAS trains every layer x position, 240 trainings on IOI)
+LM_COMPARE_OPTIONS = {"subspace_sizes": (8,), "das_kwargs": {"epochs": 2, "min_epochs": 1, "batch_size": 20}}

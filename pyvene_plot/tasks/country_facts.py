@@ -96,7 +96,7 @@ from ..errors import BankError
 from ..schedule import Stage
 from ..sites import layer_sites
 from . import Task, register
-from ._lm import _predict, encode_prompts, filtered_lm_bank, single_token_ids
+from ._lm import LM_COMPARE_OPTIONS, _predict, encode_prompts, filtered_lm_bank, single_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -491,6 +491,7 @@ def build_country_facts(seed: int = 0, n_fit: int = 200, n_calibration: int = 10
         readout=banks["fit"].readout,
         causal_model=cm,
         info=info,
+        compare_options=LM_COMPARE_OPTIONS,
     )
 
 

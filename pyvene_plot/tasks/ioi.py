@@ -110,7 +110,7 @@ from ..errors import BankError
 from ..schedule import Stage
 from ..sites import layer_sites
 from . import Task, register
-from ._lm import filtered_lm_bank, single_token_ids
+from ._lm import LM_COMPARE_OPTIONS, filtered_lm_bank, single_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -412,8 +412,5 @@ def build_ioi(seed: int = 0, n_fit: int = 200, n_calibration: int = 100, n_test:
         compare_options=LM_COMPARE_OPTIONS,
     )
 
-
-#: A modest DAS budget for a 135M-parameter LM on CPU, identical for guided and Full DAS.
-LM_COMPARE_OPTIONS = {"subspace_sizes": (8,), "das_kwargs": {"epochs": 2, "min_epochs": 1, "batch_size": 20}}
 
 register("ioi", build_ioi)
