@@ -240,8 +240,8 @@ def test_all_countries_mode_drops_wrong_pairs(task):
         assert b.meta["n_candidates"] == b.meta["n_kept"] + b.meta["n_dropped"]
 
 
-def test_both_lm_tasks_share_the_cpu_compare_budget():
-    from pyvene_plot.tasks import country_facts, ioi
+def test_task_carries_the_shared_cpu_compare_budget(task):
+    from pyvene_plot.tasks import ioi
 
-    assert country_facts.LM_COMPARE_OPTIONS is ioi.LM_COMPARE_OPTIONS
-    assert ioi.LM_COMPARE_OPTIONS["subspace_sizes"] == (8,)
+    assert task.compare_options is ioi.LM_COMPARE_OPTIONS
+    assert task.compare_options["subspace_sizes"] == (8,)
