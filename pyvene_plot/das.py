@@ -431,8 +431,13 @@ class DASSpec:
             d = f"[{self.dims[0]}]"
         elif self.dims == tuple(range(self.dims[0], self.dims[-1] + 1)):
             d = f"[{self.dims[0]}:{self.dims[-1] + 1}]"
-        else:
-            d = f"[{','.join(map(str, self.dims))}]"
+        else:  # runs of consecutive coordinates as start:stop, e.g. [0:128,192:576]
+            runs, start = [], self.dims[0]
+            for prev, cur in zip(self.dims, self.dims[1:] + (None,)):
+                if cur != prev + 1:
+                    runs.append(str(start) if prev == start else f"{start}:{prev + 1}")
+                    start = cur
+            d = f"[{','.join(runs)}]"
         return f"L{self.layer}.{self.component}{pos}{b}{d}"
 
     def __str__(self) -> str:
