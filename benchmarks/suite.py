@@ -136,8 +136,11 @@ def screening_summary(raw: list[dict]) -> list[dict]:
 
 
 def screening_markdown(rows: list[dict]) -> str:
-    cols = ["task", "n_cases", "kept_exact_pick_rate", "n_sites", "n_kept", "attribution_s", "exact_signatures_s",
-            "time_ratio"]
+    return _md_table(rows, ["task", "n_cases", "kept_exact_pick_rate", "n_sites", "n_kept", "attribution_s",
+                            "exact_signatures_s", "time_ratio"])
+
+
+def _md_table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
@@ -145,12 +148,8 @@ def screening_markdown(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["task", "method", "variable", "iia_mean", "iia_std", "runtime_s", "ratio_to_full_das",
-            "n_sites_evaluated", "n_trained", "peak_mem_mb"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    return _md_table(rows, ["task", "method", "variable", "iia_mean", "iia_std", "runtime_s", "ratio_to_full_das",
+                            "n_sites_evaluated", "n_trained", "peak_mem_mb"])
 
 
 def plot(rows: list[dict], path: Path) -> None:

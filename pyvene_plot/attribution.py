@@ -142,8 +142,8 @@ def attribution_scores(
             captured[key] = out[0] if isinstance(out, tuple) else out
         return hook
 
-    def gather(part, key, pos_of):
-        h = captured[key]
+    def gather(part, h, pos_of):
+        """Rows of ``h`` at each position's per-example index: ``{position: (B, d)}``."""
         b = inputs_len(part)
         if spec.has_positions and h.dim() >= 3:
             return {p: h[torch.arange(b, device=h.device), torch.as_tensor(pos_of[p], device=h.device)] for p in pos_of}
@@ -169,7 +169,7 @@ def attribution_scores(
                 src = {}
                 for (l, c) in mods:
                     ps_pos = {p: pos_s[p] for (ll, cc, p) in raw if (ll, cc) == (l, c)}
-                    for p, a in gather(ps, (l, c), ps_pos).items():
+                    for p, a in gather(ps, captured[(l, c)], ps_pos).items():
                         src[(l, c, p)] = a.detach()
             captured.clear()
             with torch.enable_grad():
@@ -185,8 +185,7 @@ def attribution_scores(
                 base_acts = {}
                 for (l, c) in keys:
                     pb_pos = {p: pos_b[p] for (ll, cc, p) in raw if (ll, cc) == (l, c)}
-                    captured[(l, c)] = full[(l, c)].detach()
-                    for p, a in gather(pb, (l, c), pb_pos).items():
+                    for p, a in gather(pb, full[(l, c)].detach(), pb_pos).items():
                         base_acts[(l, c, p)] = a
                 base_lab = bank.base_labels[s0 : s0 + b].to(z.device)
                 rows = torch.arange(b, device=z.device)
@@ -200,9 +199,8 @@ def attribution_scores(
                     for k, g in zip(keys, grads):
                         if g is None:
                             g = torch.zeros_like(full[k])
-                        captured[k] = g
                         pb_pos = {p: pos_b[p] for (ll, cc, p) in raw if (ll, cc) == k}
-                        for p, gp in gather(pb, k, pb_pos).items():
+                        for p, gp in gather(pb, g, pb_pos).items():
                             g_at[(*k, p)] = gp
                     for si, s in enumerate(sites):
                         ru = (s.layer, s.component, s.position)
