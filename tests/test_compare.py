@@ -70,3 +70,27 @@ def test_unknown_compare_method():
     task = pp.tasks.load("planted", seed=0)
     with pytest.raises(pp.PlotError, match="unknown compare method"):
         pp.compare(task, methods=("magic",))
+
+
+def test_das_budget_benchmark_reads_plot_sites_and_extrapolates(binary_cmp, tmp_path):
+    """benchmarks/das_budget.py: DAS at PLOT's sites over an (epochs, lr) grid, chosen on calibration."""
+    from benchmarks import das_budget
+
+    task, cmp, out = binary_cmp
+    res = das_budget.main(["--task", "binary_addition", "--compare", str(out / "compare.json"),
+                           "--epochs", "1", "4", "--lrs", "auto", "0.05", "--out", str(tmp_path / "b.json")])
+    assert res["full_das_trainings"] == _row(cmp, "full_das", "C1")["n_trained"]
+    assert len(res["rows"]) == len(task.variables) * 2 * 2
+    for v in task.variables:
+        mine = [r for r in res["rows"] if r["variable"] == v]
+        assert sum(r["selected_on_calibration"] for r in mine) == 1
+        # DAS ran at the site PLOT picked, on the whole vector
+        assert {r["site"] for r in mine} == {_row(cmp, "plot", v)["sites"]}
+        chosen = next(r for r in mine if r["selected_on_calibration"])
+        assert chosen["calibration"]["balanced"] == max(r["calibration"]["balanced"] for r in mine)
+        for r in mine:
+            assert r["full_das_est_s"] == pytest.approx(r["seconds_per_training"] * res["full_das_trainings"])
+            assert 0.0 <= r["test_iia"] <= 1.0
+    assert json.loads((tmp_path / "b.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    with pytest.raises(ValueError, match="not 'heq'"):
+        das_budget.main(["--task", "heq", "--compare", str(out / "compare.json"), "--out", str(tmp_path / "x.json")])
