@@ -73,14 +73,16 @@ def test_unknown_compare_method():
 
 
 def test_das_budget_benchmark_reads_plot_sites_and_extrapolates(binary_cmp, tmp_path):
-    """benchmarks/das_budget.py: DAS at PLOT's sites over an (epochs, lr) grid, chosen on calibration."""
+    """benchmarks/das_budget.py: DAS at PLOT's sites over a (k, lr, epochs) grid, chosen on calibration."""
     from benchmarks import das_budget
 
     task, cmp, out = binary_cmp
-    res = das_budget.main(["--task", "binary_addition", "--compare", str(out / "compare.json"),
-                           "--epochs", "1", "4", "--lrs", "auto", "0.05", "--out", str(tmp_path / "b.json")])
+    res = das_budget.main(["--task", "binary_addition", "--compare", str(out / "compare.json"), "--epochs", "1", "4",
+                           "--lrs", "auto", "0.05", "--sizes", "2", "--out", str(tmp_path / "b.json")])
     assert res["full_das_trainings"] == _row(cmp, "full_das", "C1")["n_trained"]
-    assert len(res["rows"]) == len(task.variables) * 2 * 2
+    # the compare run's own budget (k=2, lr auto, 8 epochs) is added to the 2 x 2 grid as the anchor
+    assert res["anchor"] == [2, "auto", 8]
+    assert len(res["rows"]) == len(task.variables) * (2 * 2 + 1)
     for v in task.variables:
         mine = [r for r in res["rows"] if r["variable"] == v]
         assert sum(r["selected_on_calibration"] for r in mine) == 1
@@ -88,8 +90,12 @@ def test_das_budget_benchmark_reads_plot_sites_and_extrapolates(binary_cmp, tmp_
         assert {r["site"] for r in mine} == {_row(cmp, "plot", v)["sites"]}
         chosen = next(r for r in mine if r["selected_on_calibration"])
         assert chosen["calibration"]["balanced"] == max(r["calibration"]["balanced"] for r in mine)
+        anchor = next(r for r in mine if r["anchor"])
+        assert (anchor["k"], anchor["lr"], anchor["epochs"]) == (2, "auto", 8)
+        assert anchor["full_das_est_s"] == pytest.approx(_row(cmp, "full_das", v)["runtime_s"])
         for r in mine:
-            assert r["full_das_est_s"] == pytest.approx(r["seconds_per_training"] * res["full_das_trainings"])
+            assert r["full_das_est_s"] == pytest.approx(
+                res["full_das_runtime_s"] * r["seconds_per_training"] / anchor["seconds_per_training"])
             assert 0.0 <= r["test_iia"] <= 1.0
     assert json.loads((tmp_path / "b.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
     with pytest.raises(ValueError, match="not 'heq'"):
