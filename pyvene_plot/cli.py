@@ -142,7 +142,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     out = _out_dir(args.out, f"compare-{args.task}")
     task = _load_task(args)
-    cmp = pp.compare(task, progress=not args.quiet, seed=args.seed, out=out)
+    sizes = "task" if args.subspace_sizes is None else tuple(args.subspace_sizes)
+    cmp = pp.compare(task, progress=not args.quiet, seed=args.seed, out=out, subspace_sizes=sizes)
     print(f"DAS trainer: {cmp.details.get('trainer', 'n/a')}; size grid {cmp.details.get('subspace_sizes')}")
     print(cmp.table())
     print(f"wrote {out}")
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare", help="PLOT, PLOT+refinement, PLOT-guided DAS, Full DAS and the best single site, side by side")
     common(c, None)
+    c.add_argument("--subspace-sizes", type=int, nargs="+", metavar="K", default=None,
+                   help="DAS subspace sizes shared by guided and Full DAS (default: the task's compare setting)")
     c.set_defaults(func=cmd_compare)
     return p
 

@@ -76,3 +76,15 @@ def test_task_options_parse_and_unknown_option_is_named(capsys):
         _task_options(["n_fit"])
     with pytest.raises(SystemExit, match="does not take options"):
         main(["run", "--task", "planted", "--quiet", "--task-option", "bogus=1"])
+
+
+def test_cli_compare_size_grid_override(tmp_path, capsys, heq_task):
+    """``compare --subspace-sizes`` sets the DAS size grid shared by guided and Full DAS."""
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--task", "heq", "--quiet", "--subspace-sizes", "1", "2", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert data["details"]["subspace_sizes"] == [1, 2]
+    full = next(r for r in data["rows"] if r["method"] == "full_das")
+    assert full["n_trained"] == 2 * full["n_sites_evaluated"] * len(heq_task.variables)
+    assert "size grid [1, 2]" in capsys.readouterr().out

@@ -244,4 +244,4 @@ def test_task_carries_the_shared_cpu_compare_budget(task):
     from pyvene_plot.tasks import ioi
 
     assert task.compare_options is ioi.LM_COMPARE_OPTIONS
-    assert task.compare_options["subspace_sizes"] == (8,)
+    assert task.compare_options["subspace_sizes"] == (64,)
