@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/compare_tasks.py [--tasks binary_addition gpt2_lookup heq] [--seeds 0] [--out DIR]
 
-For every task and seed it runs :func:`pyvene_plot.compare` (transport-only PLOT, PLOT with its
+For every task and seed it runs :func:`pyvene_plot.comparison` (transport-only PLOT, PLOT with its
 refinement stage, PLOT-guided DAS, Full DAS and the free best-single-site baseline; every method
 charged for its whole search on the same clock) and prints the Markdown table with the runtime
 ratio to Full DAS and the number of sites evaluated / trainings run. Results are written atomically

@@ -29,8 +29,8 @@ import re
 from pathlib import Path
 
 import pyvene_plot as pp
-from pyvene_plot.cli import _task_options
-from pyvene_plot.utils import atomic_write_json, package_versions
+from pyvene_plot.cli import parse_task_options
+from pyvene_plot._utils import atomic_write_json, package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"{args.compare} is a compare run of task {cmp.get('task')!r}, not {args.task!r}")
     settings = cmp["details"].get("das_kwargs", {})
     sizes = tuple(cmp["details"].get("subspace_sizes") or (8,))
-    task_opts = _task_options(args.task_option)
+    task_opts = parse_task_options(args.task_option)
     sites = plot_sites(cmp)
     full = full_das_row(cmp)
     n_full = None if full is None else int(full["n_trained"])

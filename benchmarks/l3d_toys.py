@@ -5,7 +5,7 @@
   copies in parallel with 15 subnetworks), one subnetwork per feature.
 * **Circuit superposition** — 10 → 5 → 10, ReLU output, ``y = x A``, ``A_ij ~ U[0, 3]``. L3D with 10
   rank-1 subnetworks. Paper: reconstruction error **0.064**, ``r² = 0.92`` between ``A`` and the
-  coefficients read off the subnetworks (:func:`pyvene_plot.toys.circuit_coefficients_from_subnetworks`).
+  coefficients read off the subnetworks (:func:`pyvene_plot.methods.toys.circuit_coefficients_from_subnetworks`).
   A 5-wide hidden layer cannot represent a rank-10 ``A`` exactly, so the table also gives the model's own
   ``r²`` (its outputs on single-feature inputs ``e_j`` against ``A``), a ceiling that depends on the draw
   of ``A``.
@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyvene_plot.l3d import L3D, match_subnetworks
-from pyvene_plot.toys import (
+from pyvene_plot.methods.l3d import L3D, match_subnetworks
+from pyvene_plot.methods.toys import (
     circuit_coefficients_from_subnetworks,
     train_circuit_superposition,
     train_tms,
 )
-from pyvene_plot.utils import atomic_write_json, package_versions
+from pyvene_plot._utils import atomic_write_json, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER = {"tms": {"error": 0.19}, "circuit": {"error": 0.064, "r2": 0.92}}

@@ -11,7 +11,7 @@ At three node layers — the one-hot input (``block_input`` of layer 0, the "emb
 and the second hidden layer (``block_output`` of layers 0 and 1) — four bases are built on the
 *training* states and evaluated on the *held-out* pairs:
 
-* ``pca``: centred PCA (:func:`pyvene_plot.bases.pca_basis`);
+* ``pca``: centred PCA (:func:`pyvene_plot.methods.bases.pca_basis`);
 * ``lib``: faithful layer-recursive LIB (``lib_basis(method="lib")``: Jacobian to the next layer's
   LIB features, raw logits at the output);
 * ``lib_lite``: LIB with the Jacobian of the output logits (``method="output_jacobian"``); equal to
@@ -40,7 +40,7 @@ import torch
 from pyvene.models.mlp.modelings_mlp import MLPConfig, MLPForClassification
 
 import pyvene_plot as pp
-from pyvene_plot.utils import atomic_write_json, package_versions, seed_everything
+from pyvene_plot._utils import atomic_write_json, package_versions, seed_everything
 
 LAYERS = {
     "input (embedding)": pp.Site(0, "block_input"),

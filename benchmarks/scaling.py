@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import pyvene_plot as pp
-from pyvene_plot.utils import atomic_write_bytes, atomic_write_json, package_versions
+from pyvene_plot._utils import atomic_write_bytes, atomic_write_json, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

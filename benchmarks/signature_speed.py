@@ -27,9 +27,9 @@ import torch
 from pyvene.models.modeling_utils import get_module_hook
 
 import pyvene_plot as pp
-from pyvene_plot.engine import InterchangeEngine, as_model_kwargs
-from pyvene_plot.sites import resolve_positions
-from pyvene_plot.utils import atomic_write_json, package_versions
+from pyvene_plot.localize import InterchangeEngine, as_model_kwargs
+from pyvene_plot.models import resolve_positions
+from pyvene_plot._utils import atomic_write_json, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 import pyvene_plot as pp
-from pyvene_plot.compare import task_signatures
-from pyvene_plot.utils import atomic_write_bytes, atomic_write_json, package_versions, resolve_device
+from pyvene_plot.comparison import task_signatures
+from pyvene_plot._utils import atomic_write_bytes, atomic_write_json, package_versions, resolve_device
 
 SUITES = {
     # ~15 minutes on a 2-core CPU: small DAS grid, 5 seeds of the small tasks
@@ -85,7 +85,7 @@ def screening_rows(task, exact, seed: int, device: torch.device) -> list[dict]:
     that PLOT with exact signatures ranks first (flat uot); ``time_ratio``: attribution time over the
     exact signature sweep's time on the same sites and fit bank.
     """
-    from pyvene_plot.attribution import ATTRIBUTION_KEEP_FRACTION, screen_attribution
+    from pyvene_plot.methods.attribution import ATTRIBUTION_KEEP_FRACTION, screen_attribution
 
     t0 = time.perf_counter()
     rep = screen_attribution(task.model, task.sites, task.fit, variables=task.variables, readout=task.readout)

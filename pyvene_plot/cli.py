@@ -1,5 +1,6 @@
 """Command line: ``pyvene-plot demo | run | compare`` (also ``python -m pyvene_plot``)."""
 
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main"]
+
+
+
 
 
 def _out_dir(arg: str | None, prefix: str) -> Path:
@@ -35,15 +38,12 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([head, sep, *body])
 
 
-from .compare import task_signatures  # noqa: E402
-
-
 def _load_task(args: argparse.Namespace):
     import pyvene_plot as pp
-    from .utils import resolve_device
+    from ._utils import resolve_device
 
     t0 = time.perf_counter()
-    opts = _task_options(getattr(args, "task_option", None) or [])
+    opts = parse_task_options(getattr(args, "task_option", None) or [])
     try:
         task = pp.tasks.load(args.task, seed=args.seed, **opts)
     except TypeError as e:
@@ -59,7 +59,7 @@ def _load_task(args: argparse.Namespace):
     return task
 
 
-def _task_options(items: list[str]) -> dict:
+def parse_task_options(items: list[str]) -> dict:
     """``["n_fit=80", "l1=0.0"]`` -> ``{"n_fit": 80, "l1": 0.0}`` (ints, floats, true/false, else strings)."""
     out = {}
     for it in items:
@@ -79,10 +79,12 @@ def _task_options(items: list[str]) -> dict:
 
 def _run_methods(task, methods: list[str], out: Path, seed: int, progress: bool) -> list[dict]:
     import pyvene_plot as pp
-    from .utils import atomic_write_json
+    from ._utils import atomic_write_json
 
     rows = []
     payload = {"task": task.summary(), "results": {}}
+    from .tasks import task_signatures
+
     signatures = task_signatures(task)
     for method in methods:
         searcher = pp.OTAlignmentSearcher(method=method, seed=seed, readout=task.readout, progress=progress,

@@ -68,12 +68,12 @@ def test_cli_reports_plot_errors(tmp_path, capsys):
 
 
 def test_task_options_parse_and_unknown_option_is_named(capsys):
-    from pyvene_plot.cli import _task_options, main
+    from pyvene_plot.cli import parse_task_options, main
 
-    assert _task_options(["n_fit=80", "l1=0.5", "flag=true", "name=abc"]) == {
+    assert parse_task_options(["n_fit=80", "l1=0.5", "flag=true", "name=abc"]) == {
         "n_fit": 80, "l1": 0.5, "flag": True, "name": "abc"}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        _task_options(["n_fit"])
+        parse_task_options(["n_fit"])
     with pytest.raises(SystemExit, match="does not take options"):
         main(["run", "--task", "planted", "--quiet", "--task-option", "bogus=1"])
 

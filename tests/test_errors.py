@@ -11,7 +11,7 @@ import torch.nn as nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 import pyvene_plot as pp
-import pyvene_plot.utils
+import pyvene_plot._utils
 
 L = torch.long
 
@@ -277,7 +277,7 @@ def test_unknown_method_or_signature(kw, word):
 
 
 def test_margin_signature_needs_two_classes():
-    from pyvene_plot.signatures import abstract_signatures
+    from pyvene_plot.localize import abstract_signatures
 
     x = torch.zeros(4, 1, 2)
     bank = pp.PairBank(x, x, torch.tensor([0, 1, 2, 0]), {"V": torch.tensor([1, 2, 0, 2])})
@@ -302,7 +302,7 @@ def test_to_json_failing_serialisation_leaves_no_file(small_result, tmp_path, mo
     def boom(*a, **k):
         raise RuntimeError("serialisation failed")
 
-    monkeypatch.setattr(pyvene_plot.utils.json, "dumps", boom)
+    monkeypatch.setattr(pyvene_plot._utils.json, "dumps", boom)
     with pytest.raises(RuntimeError, match="serialisation failed"):
         small_result.to_json(target)
     assert not target.exists()
@@ -318,7 +318,7 @@ def test_to_json_failing_write_keeps_previous_file(small_result, tmp_path, monke
     def bad_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pyvene_plot.utils.os, "replace", bad_replace)
+    monkeypatch.setattr(pyvene_plot._utils.os, "replace", bad_replace)
     with pytest.raises(OSError, match="disk full"):
         small_result.to_json(target)
     assert target.read_bytes() == before

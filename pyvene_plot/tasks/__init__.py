@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 
-from ..banks import PairBank
+from ..data import PairBank
 from ..errors import PlotError
-from ..readout import Readout
-from ..sites import Site
+from ..models import Readout, Site
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Task", "register", "names", "load"]
+__all__ = ["Task", "register", "names", "load", "task_signatures"]
 
 
 @dataclasses.dataclass
@@ -64,7 +63,7 @@ class Task:
     readout: Readout = dataclasses.field(default_factory=Readout)
     causal_model: Any = None
     info: dict = dataclasses.field(default_factory=dict)
-    #: defaults for :func:`pyvene_plot.compare` on this task (e.g. a smaller DAS grid for a real LM on CPU);
+    #: defaults for :func:`pyvene_plot.comparison` on this task (e.g. a smaller DAS grid for a real LM on CPU);
     #: explicit arguments to ``compare`` override them
     compare_options: dict = dataclasses.field(default_factory=dict)
 
@@ -77,6 +76,14 @@ class Task:
             "n_sites": len(self.sites),
             "info": self.info,
         }
+
+
+def task_signatures(task) -> tuple[str, ...]:
+    """Signature modes swept on calibration: prob_delta plus the two-class margin, or the logit delta."""
+    labels = set(task.fit.base_labels.tolist())
+    for v in task.variables:
+        labels |= set(task.fit.labels(v).tolist())
+    return ("prob_delta", "margin_delta") if labels <= {0, 1} else ("prob_delta", "logit_delta")
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}

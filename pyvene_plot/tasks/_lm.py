@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..banks import PairBank
+from ..data import PairBank
 from ..errors import BankError
-from ..readout import Readout
+from ..models import Readout
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def _predict(model, inputs: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+def predict_argmax(model, inputs: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
     """Next-token argmax per row; each distinct prompt is run once (banks repeat prompts a lot)."""
     uniq, inverse = torch.unique(inputs["input_ids"], dim=0, return_inverse=True)
     first = torch.zeros(uniq.shape[0], dtype=torch.long).scatter_(0, inverse, torch.arange(inverse.numel()))
@@ -89,8 +89,8 @@ def filtered_lm_bank(
     base = encode_prompts(tokenizer, base_prompts)
     source = encode_prompts(tokenizer, source_prompts)
     lt = torch.tensor(list(label_tokens))
-    b_ok = _predict(model, base, batch_size) == lt[torch.as_tensor(list(base_answers))]
-    s_ok = _predict(model, source, batch_size) == lt[torch.as_tensor(list(source_answers))]
+    b_ok = predict_argmax(model, base, batch_size) == lt[torch.as_tensor(list(base_answers))]
+    s_ok = predict_argmax(model, source, batch_size) == lt[torch.as_tensor(list(source_answers))]
     keep = (b_ok & s_ok).nonzero().flatten()
     n = len(base_prompts)
     if keep.numel() == 0:

@@ -13,7 +13,7 @@ The input is ``inputs_embeds`` of shape ``(N, 5, 16)``: at step ``t < 4`` coordi
 hold ``a_t`` and ``b_t`` encoded as ``±1`` (bit 1 -> +1, bit 0 -> -1), every other coordinate
 and all of step 4 are 0. The model is :class:`~pyvene_plot.models.StepGRULMHeadModel`
 (``h_dim=16``, one GRU layer, ``vocab_size=2``); the LM head at step ``t`` gives the logits of
-sum bit ``t``. :class:`~pyvene_plot.readout.BitsReadout` ``(steps=(0,1,2,3,4))`` turns the five
+sum bit ``t``. :class:`~pyvene_plot.models.BitsReadout` ``(steps=(0,1,2,3,4))`` turns the five
 steps into one class over 32 codes, class ``c`` meaning bits ``(c >> t) & 1``, i.e. the class is
 the integer value of the 5-bit output; on factual inputs it is ``a + b``.
 
@@ -99,12 +99,14 @@ from typing import Any
 import torch
 from pyvene.data_generators.causal_model import CausalModel
 
-from ..banks import PairBank
+from ..data import PairBank
 from ..errors import BankError, ModelError
-from ..models import GRUConfig, StepGRULMHeadModel
-from ..readout import BitsReadout
-from ..schedule import Stage
-from ..sites import layer_sites
+from pyvene.models.gru.modelings_gru import GRUConfig
+
+from ..models import StepGRULMHeadModel
+from ..models import BitsReadout
+from ..progressive import Stage
+from ..models import layer_sites
 from . import Task, register
 
 logger = logging.getLogger(__name__)

@@ -93,10 +93,10 @@ from typing import Any
 import torch
 
 from ..errors import BankError
-from ..schedule import Stage
-from ..sites import layer_sites
+from ..progressive import Stage
+from ..models import layer_sites
 from . import Task, register
-from ._lm import LM_COMPARE_OPTIONS, _predict, encode_prompts, filtered_lm_bank, single_token_ids
+from ._lm import LM_COMPARE_OPTIONS, predict_argmax, encode_prompts, filtered_lm_bank, single_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ def build_country_facts(seed: int = 0, n_fit: int = 200, n_calibration: int = 10
     preds, accuracy, correct = {}, {}, {}
     for rel in RELATIONS:
         prompts = [render({"C_in": c, "R_in": rel}) for c in names]
-        p = _predict(model, encode_prompts(tok, prompts), batch_size).tolist()
+        p = predict_argmax(model, encode_prompts(tok, prompts), batch_size).tolist()
         preds[rel] = {c: tok.decode([t]) for c, t in zip(names, p)}
         correct[rel] = {c: t == cand_ids[cand_table[c][rel]] for c, t in zip(names, p)}
         accuracy[rel] = sum(correct[rel].values()) / len(names)

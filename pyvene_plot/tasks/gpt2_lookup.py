@@ -67,10 +67,10 @@ from typing import Any
 
 import torch
 
-from ..banks import PairBank
-from ..readout import Readout
-from ..schedule import Stage
-from ..sites import layer_sites
+from ..data import PairBank
+from ..models import Readout
+from ..progressive import Stage
+from ..models import layer_sites
 from . import Task, register
 
 logger = logging.getLogger(__name__)

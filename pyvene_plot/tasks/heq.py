@@ -55,11 +55,11 @@ import torch
 from pyvene.data_generators.causal_model import CausalModel
 from pyvene.models.mlp.modelings_mlp import MLPConfig, MLPForClassification
 
-from ..banks import PairBank
+from ..data import PairBank
 from ..errors import ModelError
-from ..readout import Readout
-from ..schedule import Stage
-from ..sites import neuron_sites
+from ..models import Readout
+from ..progressive import Stage
+from ..models import neuron_sites
 from . import Task, register
 
 logger = logging.getLogger(__name__)

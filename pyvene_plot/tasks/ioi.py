@@ -107,8 +107,8 @@ from typing import Any
 import torch
 
 from ..errors import BankError
-from ..schedule import Stage
-from ..sites import layer_sites
+from ..progressive import Stage
+from ..models import layer_sites
 from . import Task, register
 from ._lm import LM_COMPARE_OPTIONS, filtered_lm_bank, single_token_ids
 

@@ -46,11 +46,11 @@ from collections.abc import Sequence
 import torch
 from pyvene.models.mlp.modelings_mlp import MLPConfig, MLPForClassification
 
-from ..banks import PairBank
+from ..data import PairBank
 from ..errors import ModelError
-from ..readout import Readout
-from ..schedule import Stage
-from ..sites import Site, neuron_sites
+from ..models import Readout
+from ..progressive import Stage
+from ..models import Site, neuron_sites
 from . import Task, register
 from .heq import balanced_sampler, heq_causal_model
 

@@ -1,0 +1,8 @@
+"""Pair banks and model inputs: what every other step reads."""
+
+from __future__ import annotations
+
+from ._banks import PairBank
+from ._inputs import Inputs, inputs_len, index_inputs, concat_inputs, repeat_inputs, inputs_to, as_model_kwargs, sequence_length, min_real_length
+
+__all__ = ['PairBank', 'Inputs', 'inputs_len', 'index_inputs', 'concat_inputs', 'repeat_inputs', 'inputs_to', 'as_model_kwargs', 'sequence_length', 'min_real_length']

@@ -1,0 +1,475 @@
+"""The OT alignment searcher: PLOT's core.
+
+PLOT in one screen
+------------------
+For every abstract variable ``Z`` (rows) and every candidate site ``S`` (columns) build an *effect
+signature* on the fit bank: how interchanging ``Z`` in the causal model, or fully interchanging
+``S`` in the network, changes the output over the same (base, source) pairs
+(:mod:`pyvene_plot.localize`). The cost ``C[Z, S]`` is the mean squared distance between the two
+signatures. An optimal-transport coupling between variables and sites is fitted with POT
+(:mod:`pyvene_plot.localize`): one-sided unbalanced OT by default, so each variable's mass goes to
+the sites that behave like it. Each coupling row is then *calibrated* into an intervention handle
+(top-k sites, strength λ) on a separate calibration bank (:mod:`pyvene_plot.localize`); every
+ε / β of the sweep is judged the same way, on calibration only. The test bank is never touched here.
+
+Every result also carries the free baseline — the single site whose full swap best reproduces the
+variable on the fit bank, which the signature sweep measures anyway — so the contribution of the
+transport step is always visible next to it.
+"""
+
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._constants import DEFAULT_TOP_K
+from ..data import PairBank
+from ._calibration import BankCache, lambda_order, score_candidates, truncate_row
+from ._metrics import Candidate, SELECTION_RULES, select
+from ._engine import InterchangeEngine
+from ..errors import BankError, PlotError, SiteError, TransportError
+from ._handles import Handle
+from ..models import Readout
+from ._results import AlignmentResult
+from ._signatures import SIGNATURE_MODES, SiteEffects, abstract_signatures, collect_site_effects, cost_matrix, neural_signatures
+from ..models import Site
+from ..models import validate_sites
+from ._transport import METHODS, solve_transport
+from .._utils import seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+
+DEFAULT_LAMBDAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: ε = factor x (cost range) when epsilon="auto" (ot / uot)
+AUTO_EPSILON_FACTORS = (0.01, 0.03, 0.1)
+#: β = factor x (cost range) when beta="auto" (uot)
+AUTO_BETA_FACTORS = (0.1, 1.0)
+#: absolute ε for methods whose cost is already on a fixed scale
+AUTO_EPSILON_FIXED = {"gw": (0.005, 0.02, 0.05), "fgw": (0.005, 0.02, 0.05), "cosine": (0.05,), "bruteforce": (0.05,)}
+
+
+def _grid(value: Any, name: str) -> tuple[float, ...] | str:
+    if isinstance(value, str):
+        if value != "auto":
+            raise PlotError(f"{name} must be a positive number, a list of them, or 'auto'; got {value!r}")
+        return "auto"
+    vals = (value,) if np.isscalar(value) else tuple(value)
+    if not vals:
+        raise PlotError(f"{name} grid is empty")
+    out = []
+    for v in vals:
+        try:
+            f = float(v)
+        except (TypeError, ValueError) as exc:
+            raise PlotError(f"{name} must be numeric, got {v!r}") from exc
+        if not np.isfinite(f) or f <= 0:
+            raise PlotError(f"{name} must be > 0, got {v!r}")
+        out.append(f)
+    return tuple(out)
+
+
+class OTAlignmentSearcher:
+    """Localise abstract variables among candidate sites with optimal transport.
+
+    Parameters
+    ----------
+    method : {"uot", "ot", "gw", "fgw", "cosine", "bruteforce"}, default "uot"
+        Transport solver (see :mod:`pyvene_plot.localize`); ``cosine`` and ``bruteforce`` are baselines.
+    epsilon : float, list of float, or "auto"
+        Entropic regularisation. ``"auto"`` sweeps ``(0.01, 0.03, 0.1) x`` the cost range (ot/uot)
+        or a fixed grid for gw/fgw/baselines. Every value of a sweep is judged on the calibration bank.
+    beta : float, list of float, or "auto"
+        UOT marginal relaxation; ``"auto"`` sweeps ``(0.1, 1.0) x`` the cost range.
+    signature : {"prob_delta", "logit_delta", "margin_delta"} or tuple of them
+        How effects are summarised (:mod:`pyvene_plot.localize`); a tuple is swept and chosen
+        on the calibration bank like ε.
+    top_k : tuple of int, optional
+        Calibration grid of sites kept per variable; default ``(1, 2, 4, 8)`` clipped to the number
+        of sites. An explicit value larger than the number of sites is an error.
+    lambdas : tuple of float
+        Calibration grid of strengths λ.
+    seed : int
+        Seeds torch/NumPy before the search (recorded in the result).
+    sided : {"one", "two"}
+        UOT: relax only the sites' marginal (default) or both.
+    normalize : bool or tuple of bool
+        L2-normalise signatures before the cost (direction only); a tuple is swept on calibration.
+    min_effect : float
+        Magnitude floor on a site's RMS effect per pair; sites below it get the worst cost.
+    weight_norm : {"sum", "max"}
+        How kept coupling weights are renormalised (see :mod:`pyvene_plot.localize`).
+    selection : {"balanced", "iia", "sensitive"}
+        Calibration criterion: mean of sensitive and invariant IIA (default), IIA over all pairs,
+        or sensitive IIA only.
+    alpha : float
+        FGW trade-off.
+    readout : Readout, optional
+        Output -> class logits; default :class:`Readout()`.
+    batch_size : int or "auto"
+        Rows per forward pass (``"auto"``: sized from a memory budget, see :class:`InterchangeEngine`).
+    progress : bool
+        Show tqdm progress bars.
+    """
+
+    def __init__(
+        self,
+        method: str = "uot",
+        epsilon: float | Sequence[float] | str = "auto",
+        beta: float | Sequence[float] | str = "auto",
+        signature: str = "prob_delta",
+        top_k: Sequence[int] | None = None,
+        lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+        seed: int = 0,
+        sided: str = "one",
+        normalize: bool = False,
+        min_effect: float = 1e-3,
+        weight_norm: str = "sum",
+        selection: str = "balanced",
+        alpha: float = 0.5,
+        readout: Readout | None = None,
+        batch_size: int | str = "auto",
+        max_iter: int = 5000,
+        tol: float = 1e-9,
+        progress: bool = True,
+    ) -> None:
+        self.method = method
+        self.epsilon = epsilon
+        self.beta = beta
+        self.signature = signature
+        self.top_k = top_k
+        self.lambdas = lambdas
+        self.seed = seed
+        self.sided = sided
+        self.normalize = normalize
+        self.min_effect = min_effect
+        self.weight_norm = weight_norm
+        self.selection = selection
+        self.alpha = alpha
+        self.readout = readout
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.progress = progress
+        self._validate()
+
+    # ------------------------------------------------------------------ params
+    _PARAMS = ("method", "epsilon", "beta", "signature", "top_k", "lambdas", "seed", "sided", "normalize",
+               "min_effect", "weight_norm", "selection", "alpha", "batch_size", "max_iter", "tol")
+
+    def get_params(self) -> dict:
+        p = {k: getattr(self, k) for k in self._PARAMS}
+        p["readout"] = (self.readout or Readout()).to_dict()
+        return p
+
+    def set_params(self, **params: Any) -> "OTAlignmentSearcher":
+        for k, v in params.items():
+            if k not in self._PARAMS and k not in ("readout", "progress"):
+                raise PlotError(f"unknown parameter {k!r}; valid: {self._PARAMS}")
+            setattr(self, k, v)
+        self._validate()
+        return self
+
+    def clone(self, **params: Any) -> "OTAlignmentSearcher":
+        p = {k: getattr(self, k) for k in self._PARAMS}
+        p.update(readout=self.readout, progress=self.progress)
+        p.update(params)
+        return OTAlignmentSearcher(**p)
+
+    def __repr__(self) -> str:
+        return f"OTAlignmentSearcher(method={self.method!r}, epsilon={self.epsilon!r}, signature={self.signature!r})"
+
+    def _validate(self) -> None:
+        if self.method not in METHODS:
+            raise PlotError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        for sig in self._signatures():
+            if sig not in SIGNATURE_MODES:
+                raise PlotError(f"unknown signature {sig!r}; choose one of {SIGNATURE_MODES}")
+        for nz in self._normalizations():
+            if not isinstance(nz, (bool, np.bool_)):
+                raise PlotError(f"normalize must be a bool or a tuple of bools, got {self.normalize!r}")
+        _grid(self.epsilon, "epsilon")
+        if self.method == "uot":
+            _grid(self.beta, "beta")
+        if self.top_k is not None:
+            ks = (self.top_k,) if np.isscalar(self.top_k) else tuple(self.top_k)
+            if not ks or any(int(k) != k or k < 1 for k in ks):
+                raise PlotError(f"top_k must be positive integers, got {self.top_k!r}")
+        lam = _grid(self.lambdas, "lambdas")
+        if lam == "auto":
+            raise PlotError("lambdas must be numbers")
+        if self.selection not in SELECTION_RULES:
+            raise PlotError(f"selection must be one of {SELECTION_RULES}, got {self.selection!r}")
+        if self.weight_norm not in ("sum", "max"):
+            raise PlotError(f"weight_norm must be 'sum' or 'max', got {self.weight_norm!r}")
+        if self.sided not in ("one", "two"):
+            raise PlotError(f"sided must be 'one' or 'two', got {self.sided!r}")
+        if self.min_effect < 0:
+            raise PlotError(f"min_effect must be >= 0, got {self.min_effect}")
+
+    def _signatures(self) -> tuple[str, ...]:
+        return (self.signature,) if isinstance(self.signature, str) else tuple(self.signature)
+
+    def _normalizations(self) -> tuple[bool, ...]:
+        return (self.normalize,) if isinstance(self.normalize, (bool, np.bool_)) else tuple(self.normalize)
+
+    def _k_grid(self, n_sites: int) -> tuple[int, ...]:
+        if self.top_k is None:
+            return tuple(k for k in DEFAULT_TOP_K if k <= n_sites) or (1,)
+        ks = (int(self.top_k),) if np.isscalar(self.top_k) else tuple(int(k) for k in self.top_k)
+        if max(ks) > n_sites:
+            raise PlotError(
+                f"top-k {max(ks)} is larger than the number of candidate sites ({n_sites}); "
+                f"use top_k values <= {n_sites}"
+            )
+        return ks
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        model: torch.nn.Module,
+        sites: Sequence[Site],
+        fit_bank: PairBank,
+        calibration_bank: PairBank,
+        variables: Sequence[str] | None = None,
+        *,
+        bases: Mapping[str, Any] | None = None,
+        allowed: Mapping[str, Sequence[int]] | None = None,
+        effects: SiteEffects | None = None,
+    ) -> AlignmentResult:
+        """Fit the coupling and calibrate one handle per variable.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A model pyvene can hook.
+        sites : list of Site
+            Candidate sites (columns).
+        fit_bank : PairBank
+            Signatures are measured here.
+        calibration_bank : PairBank
+            ε, β, top-k and λ are chosen here. Must be disjoint from any bank you report on.
+        variables : list of str, optional
+            Default: every variable of the fit bank.
+        bases : dict, optional
+            ``basis_id -> V`` (r, d) for span sites.
+        allowed : dict of str to list of int, optional
+            Per variable, the site indices it may use (progressive narrowing); the coupling is
+            solved over all sites and each row is masked before calibration.
+        effects : SiteEffects, optional
+            Reuse a full-swap sweep of these sites on ``fit_bank`` (its runtime is charged again
+            to this result so that timings stay honest).
+
+        Returns
+        -------
+        AlignmentResult
+        """
+        t0 = time.perf_counter()
+        self._validate()
+        seed_everything(int(self.seed))
+        sites = list(sites)
+        variables = list(variables) if variables is not None else list(fit_bank.variables)
+        if not variables:
+            raise BankError("no variables to localise")
+        for bank in (fit_bank, calibration_bank):
+            bank.check_variables(variables)
+            for v in variables:
+                if not bool(bank.changed(v).any()):
+                    raise BankError(
+                        f"bank {bank.name!r} has no pair where interchanging {v!r} changes the output; "
+                        "the variable cannot be localised or calibrated on it — add such pairs (e.g. "
+                        "PairBank.from_causal_model(..., balance=True))"
+                    )
+        bases_t = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in (bases or {}).items()}
+        validate_sites(model, sites, {k: int(v.shape[0]) for k, v in bases_t.items()})
+        if len(set(sites)) != len(sites):
+            raise SiteError("candidate sites contain duplicates")
+        if allowed is not None:
+            for v, idx in allowed.items():
+                if v not in variables:
+                    raise PlotError(f"allowed names unknown variable {v!r}")
+                if len(idx) == 0:
+                    raise SiteError(f"empty support for variable {v!r}: no allowed sites")
+                if min(idx) < 0 or max(idx) >= len(sites):
+                    raise SiteError(f"allowed site index out of range for {v!r}")
+        n_support = min(len(allowed[v]) for v in variables) if allowed else len(sites)
+        k_grid = self._k_grid(len(sites))
+        if self.top_k is not None and allowed and max(k_grid) > n_support:
+            raise PlotError(f"top-k {max(k_grid)} is larger than the {n_support} sites a variable may use")
+        lambdas = lambda_order(_grid(self.lambdas, "lambdas"))
+        readout = self.readout or getattr(fit_bank, "readout", None) or Readout()
+
+        engine = InterchangeEngine(model, [s.unit for s in sites], readout, bases=bases_t, batch_size=self.batch_size)
+        # ---- signatures on the fit bank
+        t_sig = time.perf_counter()
+        if effects is None:
+            effects = collect_site_effects(model, sites, fit_bank, variables, readout, bases_t, self.batch_size,
+                                           self.progress, engine=engine)
+            sig_time = time.perf_counter() - t_sig
+        else:
+            if [s for s in effects.sites] != sites:
+                raise PlotError("effects were collected for different sites")
+            sig_time = effects.runtime_s
+        variants = []  # (signature, normalize, A, N, C, magnitude, floored)
+        for sig in self._signatures():
+            A = abstract_signatures(fit_bank, variables, effects.label_set, sig)
+            Ns = neural_signatures(effects, sig)
+            for nz in self._normalizations():
+                C, magnitude, floored = cost_matrix(A, Ns, len(fit_bank), bool(nz), self.min_effect)
+                variants.append((sig, bool(nz), A, Ns, C, magnitude, floored))
+        fs = effects.full_swap_scores(fit_bank, variables)
+        n_classes = int(effects.base_logits.shape[1])
+        if calibration_bank.max_label() >= n_classes:
+            raise BankError(
+                f"bank {calibration_bank.name!r} holds label {calibration_bank.max_label()} but the readout "
+                f"gives {n_classes} classes; labels must index the model's output classes"
+            )
+        # ---- free baseline: best single site by full-swap score on the fit bank
+        baseline = {}
+        for v in variables:
+            cand = np.arange(len(sites)) if not allowed else np.asarray(sorted(allowed[v]))
+            sc = np.nan_to_num(fs[v][self.selection if self.selection != "sensitive" else "sensitive"][cand], nan=-1)
+            best = int(cand[int(np.argmax(sc))])
+            baseline[v] = Handle(v, [sites[best]], [1.0], 1.0, readout, _bases_np(bases_t, [sites[best]]),
+                                 meta={"fit_full_swap": {k: float(fs[v][k][best]) for k in fs[v]}}, model=model)
+
+        # ---- sweep over (signature, normalize, epsilon, beta), judged on calibration only
+        cache = BankCache(engine, calibration_bank)
+        trials: list[dict] = []
+        best_trial = None
+        t_solve = t_cal = 0.0
+        from tqdm.auto import tqdm
+
+        bf_scores = np.stack([np.nan_to_num(fs[v]["balanced"], nan=0.0) for v in variables])
+        configs = []
+        for vi, var in enumerate(variants):
+            scale = float(var[4].max() - var[4].min())
+            configs += [(vi, e, b, scale) for e in self._epsilon_grid(scale) for b in self._beta_grid(scale)]
+        bar = tqdm(configs, desc=f"PLOT {self.method}", leave=False, disable=not self.progress)
+        for vi, eps, beta, scale in bar:
+            sig, nz, A, Ns, C, magnitude, floored = variants[vi]
+            rec: dict[str, Any] = {"signature": sig, "normalize": nz, "epsilon": eps, "beta": beta, "cost_range": scale}
+            ts = time.perf_counter()
+            try:
+                plan = solve_transport(
+                    C, self.method, eps, beta, sided=self.sided, max_iter=self.max_iter, tol=self.tol,
+                    A_sig=A, N_sig=Ns, scores=bf_scores, alpha=self.alpha,
+                )
+            except TransportError as exc:
+                rec["failed"] = str(exc)
+                t_solve += time.perf_counter() - ts
+                trials.append(rec)
+                logger.info("trial %s eps=%.3g beta=%s failed: %s", sig, eps, beta, exc)
+                continue
+            t_solve += time.perf_counter() - ts
+            rec.update(plan.diagnostics())
+            tc = time.perf_counter()
+            chosen, all_cands = self._calibrate(plan.coupling, variables, sites, k_grid, lambdas, allowed, engine, cache)
+            t_cal += time.perf_counter() - tc
+            rec["calibration"] = {v: {"k": c.k, "strength": c.strength, **c.scores} for v, c in chosen.items()}
+            rec["score"] = float(np.mean([chosen[v].scores[self.selection] for v in variables]))
+            trials.append(rec)
+            if best_trial is None or rec["score"] > best_trial[0]["score"] + 1e-12:
+                best_trial = (rec, plan, chosen, all_cands, vi)
+        bar.close()
+        if best_trial is None:
+            reasons = "; ".join(t.get("failed", "") for t in trials[:3])
+            raise TransportError(
+                f"every transport configuration failed ({len(trials)} tried). First reasons: {reasons}"
+            )
+        rec, plan, chosen, all_cands, vi = best_trial
+        sig, nz, A, Ns, C, magnitude, floored = variants[vi]
+        scale = rec["cost_range"]
+        handles = {}
+        calib = {}
+        for v in variables:
+            c = chosen[v]
+            hs = [sites[i] for i in c.indices]
+            handles[v] = Handle(v, hs, c.weights, c.strength, readout, _bases_np(bases_t, hs),
+                                meta={"k": c.k, "calibration": c.scores}, model=model)
+            calib[v] = {
+                "k": c.k, "strength": c.strength, "sites": [s.label for s in hs], "weights": c.weights,
+                "scores": c.scores,
+                "candidates": [{"k": a.k, "strength": a.strength, **a.scores} for a in all_cands[v]],
+            }
+        runtime = time.perf_counter() - t0
+        diagnostics = {
+            "label_set": effects.label_set,
+            "n_sites": len(sites),
+            "n_sites_evaluated": len(sites),
+            "signature_runtime_s": sig_time,
+            "signature_per_site_s": sig_time / max(1, len(sites)),
+            "solve_runtime_s": t_solve,
+            "calibration_runtime_s": t_cal,
+            "cost_range": scale,
+            "signature_grid": list(self._signatures()),
+            "normalize_grid": list(self._normalizations()),
+            "epsilon_grid": list(self._epsilon_grid(scale)),
+            "beta_grid": list(self._beta_grid(scale)),
+            "top_k_grid": list(k_grid),
+            "lambda_grid": list(lambdas),
+            "site_magnitude": magnitude.tolist(),
+            "floored_sites": [sites[i].label for i in np.flatnonzero(floored)],
+            "fit_full_swap": {v: {k: np.asarray(a).tolist() for k, a in fs[v].items()} for v in variables},
+            "banks": {"fit": fit_bank.summary(), "calibration": calibration_bank.summary()},
+            "n_trials": len(trials),
+            "n_failed_trials": sum(1 for t in trials if "failed" in t),
+            "selected_trial": rec,
+        }
+        result = AlignmentResult(
+            variables=variables, sites=sites, coupling=plan.coupling, cost=C, handles=handles, baseline=baseline,
+            runtime_s=runtime, method=self.method, epsilon=plan.epsilon, beta=plan.beta, signature=sig,
+            trials=trials, calibration=calib, diagnostics=diagnostics, config=self.get_params(),
+            bases={k: v.numpy() for k, v in bases_t.items()}, model=model,
+        )
+        logger.info("%r", result)
+        return result
+
+    def _epsilon_grid(self, scale: float) -> tuple[float, ...]:
+        g = _grid(self.epsilon, "epsilon")
+        if g != "auto":
+            return g
+        if self.method in AUTO_EPSILON_FIXED:
+            return AUTO_EPSILON_FIXED[self.method]
+        s = scale if scale > 0 else 1.0
+        return tuple(f * s for f in AUTO_EPSILON_FACTORS)
+
+    def _beta_grid(self, scale: float) -> tuple:
+        if self.method != "uot":
+            return (None,)
+        g = _grid(self.beta, "beta")
+        if g != "auto":
+            return g
+        s = scale if scale > 0 else 1.0
+        return tuple(f * s for f in AUTO_BETA_FACTORS)
+
+    def _calibrate(self, P, variables, sites, k_grid, lambdas, allowed, engine, cache):
+        cands: dict[str, list[Candidate]] = {}
+        flat: list[Candidate] = []
+        for r, v in enumerate(variables):
+            seen = set()
+            lst = []
+            for k in k_grid:
+                idx, w = truncate_row(P[r], k, self.weight_norm, None if allowed is None else allowed.get(v))
+                key = (tuple(idx), tuple(np.round(w, 12)))
+                if key in seen:
+                    continue
+                seen.add(key)
+                for lam in lambdas:
+                    lst.append(Candidate(v, len(idx), lam, idx, w))
+            cands[v] = lst
+            flat.extend(lst)
+        score_candidates(engine, cache, sites, flat)
+        chosen = {v: select(cands[v], self.selection) for v in variables}
+        return chosen, cands
+
+
+def _bases_np(bases: Mapping[str, torch.Tensor], sites: Sequence[Site]) -> dict[str, np.ndarray]:
+    return {s.basis: bases[s.basis].numpy() for s in sites if s.basis is not None}

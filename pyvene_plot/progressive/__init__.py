@@ -1,0 +1,12 @@
+"""Coarse-to-fine localisation: stages, candidate narrowing, screening, the scheduler."""
+
+from __future__ import annotations
+
+from ._localization import Localization
+from ._scheduler import ProgressiveScheduler
+from ._stages import STAGE_KINDS, Stage, COARSE_KINDS, default_sizes
+
+__all__ = ['Localization', 'ProgressiveScheduler', 'STAGE_KINDS', 'Stage', 'COARSE_KINDS', 'default_sizes']
+from .screening import ScreenResult, get_screener, register_screener, screener_names
+
+__all__ += ["ScreenResult", "get_screener", "register_screener", "screener_names"]

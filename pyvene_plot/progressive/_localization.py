@@ -1,0 +1,176 @@
+"""Localization."""
+
+
+from __future__ import annotations
+
+
+
+
+# ---------------------------------------------------------------------------------------- scheduler
+import logging as _logging  # noqa: E402
+from collections.abc import Sequence as _Sequence  # noqa: E402
+
+import numpy as _np  # noqa: E402
+
+from ..data import PairBank  # noqa: E402
+from ..localize import AlignmentResult  # noqa: E402
+from ..models import Site
+from ..models import model_spec  # noqa: E402
+from .._utils import atomic_write_json  # noqa: E402
+from ._stages import Stage, default_sizes
+
+_log = _logging.getLogger(__name__)
+
+
+
+
+
+
+class Localization:
+    """What :meth:`ProgressiveScheduler.run` returns.
+
+    Attributes
+    ----------
+    stages : list of AlignmentResult
+        One result per stage, in order, each with its own ``runtime_s``.
+    kept : list of dict
+        Per stage, ``variable -> list of kept Site`` (what the next stage narrows to).
+    kept_reason : list of dict
+        Per stage and variable, for each kept site: ``"handle"`` (a site of the calibrated handle)
+        or ``"ranking"`` (fallback from the coupling ranking when the handle had fewer sites).
+    bases : dict of str to ndarray
+        Orthonormal bases (rows) fitted by ``pca`` and ``lib`` stages, keyed ``"pca:..."`` / ``"lib:..."``.
+    runtime_s : float
+        Total wall time: all stages plus PCA fits.
+    """
+
+    def __init__(self, model, variables, stages, kept, kept_reason, bases, runtime_s, stage_specs, extra_s,
+                 candidates=None, pca_info=None, screens=None):
+        self.model = model
+        self.variables = list(variables)
+        self.stages: list[AlignmentResult] = stages
+        self.kept = kept
+        self.kept_reason = kept_reason
+        self.bases = bases
+        self.runtime_s = runtime_s
+        self.stage_specs: list[Stage] = stage_specs
+        self.extra_s = extra_s
+        #: per stage, ``variable -> list of Site`` it was allowed to use
+        self.candidates: list[dict[str, list[Site]]] = candidates or []
+        #: per PCA / LIB basis: number of states it was fitted on and its rank (LIB: ``kind``, importances)
+        self.pca_info: dict[str, dict] = pca_info or {}
+        #: per stage, None or the screening report (screener, threshold, rule, scores, dropped sites, ...)
+        self.screens: list[dict | None] = screens or [None] * len(stages)
+
+    def __repr__(self) -> str:
+        kinds = "→".join(s.kind for s in self.stage_specs)
+        return f"Localization({kinds}, runtime_s={self.runtime_s:.2f}, final={ {v: [s.label for s in k] for v, k in self.kept[-1].items()} })"
+
+    @property
+    def final(self) -> AlignmentResult:
+        return self.stages[-1]
+
+    def n_sites_evaluated(self) -> int:
+        return int(sum(len(r.sites) for r in self.stages))
+
+    def runtime_until(self, n_stages: int) -> float:
+        """Wall time of the first ``n_stages`` stages (PCA fits and screening of those stages included)."""
+        screen_s = sum((sc or {}).get("runtime_s", 0.0) for sc in self.screens[:n_stages])
+        return float(sum(r.runtime_s for r in self.stages[:n_stages]) + sum(self.extra_s[:n_stages]) + screen_s)
+
+    def evaluate(self, bank: PairBank, stage: int = -1, detail: bool = False) -> dict:
+        """Transport-only IIA of a stage's handles (default: the last stage)."""
+        return self.stages[stage].evaluate(bank, detail=detail)
+
+    def das_specs(self, subspace_sizes: _Sequence[int] | None = None, stage: int = -1,
+                  include_handle: bool = True, include_parent: bool = True) -> list:
+        """Narrowed :class:`~pyvene_plot.das.DASSpec` menu per variable for pyvene DAS training.
+
+        Per variable, at most three supports (deduplicated), among which :func:`~pyvene_plot.run_das`
+        chooses on the calibration bank:
+
+        1. ``kept``: the union of the sites the stage kept (after a ``coordinates`` stage the
+           union of the kept coordinate groups; after ``pca`` the span of the kept bands; after
+           ``layer``/``position`` the whole vector);
+        2. ``handle``: the union of the sites of the stage's calibrated handle, per hook;
+        3. ``parent``: the whole vector at the hook of the kept sites (the coarse site the fine
+           stage refined), the reference's fallback support.
+
+        Subspace sizes default to powers of two below the support width plus the width (at most
+        8 values); pass ``subspace_sizes`` to use one grid everywhere (clipped to each width).
+        """
+        from ..das import DASSpec
+
+        st_i = stage if stage >= 0 else len(self.stages) + stage
+        res = self.stages[st_i]
+        kind = self.stage_specs[st_i].kind
+        specs, seen = [], set()
+
+        def add(v, layer, comp, pos, basis, dims, tag):
+            if basis is not None:
+                V = _np.asarray(res.bases[basis])
+                rows = list(dims) if dims is not None else list(range(V.shape[0]))
+                width = len(rows)
+                spec_basis, spec_dims, key_b = V[rows], None, (basis, tuple(rows))
+            else:
+                full = model_spec(self.model).dim(comp)
+                if dims is not None and tuple(dims) == tuple(range(full)):
+                    dims = None  # a support covering every coordinate is the whole vector
+                width = len(dims) if dims is not None else full
+                spec_basis, spec_dims, key_b = None, (tuple(dims) if dims is not None else None), None
+            key = (v, layer, comp, pos, spec_dims, key_b)
+            if key in seen:
+                return
+            seen.add(key)
+            sizes = tuple(subspace_sizes) if subspace_sizes is not None else default_sizes(width)
+            sizes = tuple(k for k in sizes if k <= width) or (width,)
+            specs.append(DASSpec(variable=v, layer=layer, component=comp, position=pos, dims=spec_dims,
+                                 basis=spec_basis, subspace_sizes=sizes, source=f"plot:{kind}:{tag}"))
+
+        def grouped(sites):
+            by_unit: dict[tuple, list[Site]] = {}
+            for s in sites:
+                by_unit.setdefault((s.layer, s.component, s.position, s.basis), []).append(s)
+            for unit, group in by_unit.items():
+                dims = None if any(s.dims is None for s in group) else tuple(sorted({d for s in group for d in s.dims}))
+                yield unit, dims
+
+        for v in self.variables:
+            kept = self.kept[st_i][v]
+            for (layer, comp, pos, basis), dims in grouped(kept):
+                add(v, layer, comp, pos, basis, dims, "kept")
+            if include_handle:
+                for (layer, comp, pos, basis), dims in grouped(res.handles[v].sites):
+                    add(v, layer, comp, pos, basis, dims, "handle")
+            if include_parent:
+                for (layer, comp, pos, _basis), _dims in grouped(kept):
+                    add(v, layer, comp, pos, None, None, "parent")
+        return specs
+
+    def to_dict(self) -> dict:
+        return {
+            "stages": [s.to_dict() for s in self.stage_specs],
+            "results": [r.to_dict() for r in self.stages],
+            "kept": [{v: [s.to_dict() for s in ks] for v, ks in k.items()} for k in self.kept],
+            "kept_reason": self.kept_reason,
+            "runtime_s": self.runtime_s,
+            "stage_runtime_s": [r.runtime_s for r in self.stages],
+            "pca_runtime_s": self.extra_s,
+            "pca_info": self.pca_info,
+            "n_candidates": [{v: len(c) for v, c in cs.items()} for cs in self.candidates],
+            "screens": self.screens,
+        }
+
+    def to_json(self, path) -> object:
+        return atomic_write_json(path, self.to_dict())
+
+    def plot(self, folder) -> list:
+        """One coupling heatmap per stage (``stage{i}_{kind}.png``); returns the paths."""
+        from pathlib import Path
+
+        out = []
+        for i, (st, r) in enumerate(zip(self.stage_specs, self.stages)):
+            p = Path(folder) / f"stage{i}_{st.kind}.png"
+            r.plot(p)
+            out.append(p)
+        return out

@@ -1,0 +1,119 @@
+"""Stages."""
+
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..errors import PlotError
+
+
+# ---------------------------------------------------------------------------------------- scheduler
+import logging as _logging  # noqa: E402
+from .screening import screener_names
+
+
+
+_log = _logging.getLogger(__name__)
+
+
+
+
+
+STAGE_KINDS = ("layer", "position", "coordinates", "pca", "lib")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a progressive schedule.
+
+    Parameters
+    ----------
+    kind : {"layer", "position", "coordinates", "pca", "lib"}
+        ``layer``: one whole-vector site per layer (per timestep for recurrent models);
+        ``position``: token positions inside the kept layers; ``coordinates``: contiguous
+        coordinate groups inside the kept site; ``pca``: bands of a centred PCA basis fitted on the
+        fit bank's activations at the kept site; ``lib``: bands of a Local Interaction Basis
+        (:func:`pyvene_plot.methods.bases.lib_basis`, output-Jacobian variant on the searcher's readout
+        logits) at the kept site. LIB directions are not orthogonal: the bands are taken from
+        :meth:`~pyvene_plot.methods.bases.Basis.orthonormal_rows` (QR of the LIB encoder in importance
+        order, so the union of the top bands spans exactly what the top LIB features read) and
+        interchanged with PLOT's orthogonal span intervention, not LIB's oblique one.
+    group_sizes : tuple of int
+        Widths of the coordinate groups (``coordinates`` stages); several widths give overlapping
+        candidates.
+    bands : int
+        Number of equal bands of the basis, most important first (``pca`` and ``lib`` stages).
+    keep : int, optional
+        Sites kept per variable after this stage; default the scheduler's ``keep``.
+    method : str, optional
+        Transport method for this stage; default one-sided ``"uot"`` for coarse stages
+        (``layer``, ``position``) and the searcher's method otherwise.
+    component : str
+        pyvene component of the candidate sites.
+    positions : tuple of int, optional
+        Candidate positions for ``layer``/``position`` stages; default: last token for ``layer``,
+        every position of the shortest fit example for ``position``.
+    top_k, lambdas : tuple, optional
+        Calibration grids for this stage. Coarse stages default to ``top_k=(1,)``, ``lambdas=(1.0,)``
+        (a full swap of one site: only the choice of site matters there, as in the reference's
+        Stage A); fine stages default to the searcher's grids.
+    screen : str, optional
+        Screener run on the stage's candidates *before* transport (see :func:`register_screener`):
+        ``"oa"`` drops sites whose optimal-ablation gap Δ_opt is negligible, ``"mean"`` sites whose
+        mean-ablation gap is (no training; more conservative), ``"attribution"`` keeps each
+        variable's top share of sites by attribution patching (a first-order estimate of the
+        interchange effect from one backward pass per variable; see
+        :mod:`pyvene_plot.methods.attribution`). Candidates a screener drops are
+        never measured; what was dropped, the threshold and every score are kept in
+        ``Localization.screens``. A variable whose candidates would all be dropped keeps its
+        best-scoring ``keep`` sites.
+    screen_threshold : float, optional
+        Score at or below which a site is dropped (loss units, e.g. nats); default: the
+        screener's own conservative rule (``"oa"`` / ``"mean"``: below both 1e-4 and 1 % of the
+        largest score). For ``"attribution"`` it is the share of candidates kept per variable
+        (default 0.25, at least 4 sites).
+    """
+
+    kind: str
+    group_sizes: tuple[int, ...] = (1,)
+    bands: int = 8
+    keep: int | None = None
+    method: str | None = None
+    component: str = "block_output"
+    positions: tuple[int, ...] | None = None
+    top_k: tuple[int, ...] | None = None
+    lambdas: tuple[float, ...] | None = None
+    screen: str | None = None
+    screen_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise PlotError(f"unknown stage kind {self.kind!r}; choose one of {STAGE_KINDS}")
+        gs = tuple(int(g) for g in self.group_sizes)
+        if not gs or min(gs) < 1:
+            raise PlotError(f"group_sizes must be positive integers, got {self.group_sizes}")
+        object.__setattr__(self, "group_sizes", gs)
+        if int(self.bands) < 1:
+            raise PlotError(f"bands must be >= 1, got {self.bands}")
+        if self.keep is not None and int(self.keep) < 1:
+            raise PlotError(f"keep must be >= 1 (sites kept per variable), got {self.keep}")
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+        if self.screen is not None and self.screen not in screener_names():
+            raise PlotError(f"unknown screener {self.screen!r}; registered: {screener_names()} (see register_screener)")
+        if self.screen_threshold is not None and not float(self.screen_threshold) >= 0:
+            raise PlotError(f"screen_threshold must be >= 0, got {self.screen_threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+#: stage kinds that count as coarse (default solver one-sided UOT)
+COARSE_KINDS = ("layer", "position")
+
+
+def default_sizes(width: int) -> tuple[int, ...]:
+    """Powers of two below ``width`` plus ``width`` (at most 8 values, largest kept)."""
+    sizes = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if k < width] + [width]
+    return tuple(sizes[-8:])
