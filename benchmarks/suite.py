@@ -27,7 +27,7 @@ import torch
 
 import pyvene_plot as pp
 from pyvene_plot.comparison import task_signatures
-from pyvene_plot._utils import atomic_write_bytes, atomic_write_json, package_versions, resolve_device
+from pyvene_plot._utils import atomic_write_bytes, atomic_write_png, atomic_write_json, package_versions, resolve_device
 
 SUITES = {
     # ~15 minutes on a 2-core CPU: small DAS grid, 5 seeds of the small tasks
@@ -153,7 +153,6 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import io
 
     import matplotlib
 
@@ -173,10 +172,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(t)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_png(path, fig)
 
 
 def run(suite: str = "small", seeds: int | None = None, tasks: list[str] | None = None, device: str = "auto",

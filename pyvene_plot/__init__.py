@@ -28,6 +28,7 @@ from typing import Any
 with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a banner on import
     import pyvene  # noqa: F401
 
+from ._utils import seed_everything
 from .comparison import Comparison, compare
 from .das import DASBest, DASHandle, DASResult, DASSpec, full_das_specs, run_das
 from .data import PairBank
@@ -76,7 +77,6 @@ from .models import (
     steppable_gru,
 )
 from .progressive import Localization, ProgressiveScheduler, ScreenResult, Stage, register_screener
-from ._utils import seed_everything
 
 #: public name -> module that defines it, imported on first access (PEP 562)
 _LAZY = {

@@ -1,6 +1,5 @@
 """Command line: ``pyvene-plot demo | run | compare`` (also ``python -m pyvene_plot``)."""
 
-
 from __future__ import annotations
 
 import argparse
@@ -9,10 +8,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-
-
-
-
 
 
 def _out_dir(arg: str | None, prefix: str) -> Path:
@@ -40,6 +35,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def _load_task(args: argparse.Namespace):
     import pyvene_plot as pp
+
     from ._utils import resolve_device
 
     t0 = time.perf_counter()
@@ -79,6 +75,7 @@ def parse_task_options(items: list[str]) -> dict:
 
 def _run_methods(task, methods: list[str], out: Path, seed: int, progress: bool) -> list[dict]:
     import pyvene_plot as pp
+
     from ._utils import atomic_write_json
 
     rows = []

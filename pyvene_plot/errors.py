@@ -4,10 +4,9 @@ Every error names the problem and what to do instead. All derive from :class:`Pl
 :class:`ValueError`, so ``except ValueError`` keeps working for callers that do not know this package.
 """
 
-
 from __future__ import annotations
 
-
+__all__ = ["PlotError", "BankError", "SiteError", "ModelError", "TransportError", "SignatureError"]
 
 
 class PlotError(ValueError):

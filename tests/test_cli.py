@@ -1,4 +1,5 @@
-"""The command line: ``pyvene-plot demo`` end to end on the embedded HEQ task."""
+"""The command line, run through its real parser on real argv: ``demo``, ``run`` and ``compare``; the files
+they write are read back and checked against the objects they describe."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import json
 import pytest
 
 import pyvene_plot as pp
+from pyvene_plot._utils import to_serializable
 from pyvene_plot.cli import main
+
+
+def _json(x):
+    return json.loads(json.dumps(to_serializable(x)))
 
 
 def test_cli_demo_writes_results(tmp_path, capsys, heq_task):
@@ -21,21 +27,31 @@ def test_cli_demo_writes_results(tmp_path, capsys, heq_task):
     assert set(summary["results"]) == {"uot", "ot"}
     assert summary["task"]["name"] == "heq"
     methods = {r["method"] for r in summary["rows"]}
-    assert {"PLOT-uot", "PLOT-ot", "best single site (free)"} <= methods
-    for r in summary["rows"]:
-        assert 0.0 <= r["test IIA"] <= 1.0
-    # the written results load back and run on the task's model
-    res = pp.AlignmentResult.from_json(out / "result_uot.json", model=heq_task.model)
-    assert res.method == "uot"
-    test_iia = res.evaluate(heq_task.test)
-    assert test_iia == {v: summary["results"]["uot"]["test"][v]["iia"] for v in res.variables}
+    assert methods == {"PLOT-uot", "PLOT-ot", "best single site (free)"}
     printed = capsys.readouterr().out
+    for method in ("uot", "ot"):
+        # the written results load back, run on the task's model and give the summary's numbers
+        res = pp.AlignmentResult.from_json(out / f"result_{method}.json", model=heq_task.model)
+        assert res.method == method
+        test = res.evaluate(heq_task.test, detail=True)
+        assert _json(test) == summary["results"][method]["test"]
+        rows = {r["variable"]: r for r in summary["rows"] if r["method"] == f"PLOT-{method}"}
+        assert set(rows) == set(heq_task.variables)
+        for v, r in rows.items():
+            assert r["test IIA"] == test[v]["iia"]
+            assert r["handle sites"] == ", ".join(s.label for s in res.handles[v].sites)
+            assert f"| {r['test IIA']:.3f}" in printed
+    # the free baseline is the uot sweep's best single site, scored on the test bank
+    res = pp.AlignmentResult.from_json(out / "result_uot.json", model=heq_task.model)
+    base = res.evaluate_baseline(heq_task.test, detail=True)
+    for r in summary["rows"]:
+        if r["method"] == "best single site (free)":
+            assert r["test IIA"] == base[r["variable"]]["iia"]
+            assert r["handle sites"] == res.baseline[r["variable"]].sites[0].label
     assert "PLOT-uot" in printed and "test IIA" in printed
 
 
 def test_cli_rejects_unknown_task_and_lists_tasks(tmp_path, capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as exc:
         main(["run", "--task", "no_such_task", "--out", str(tmp_path / "x"), "--quiet"])
     assert exc.value.code == 2
@@ -44,27 +60,14 @@ def test_cli_rejects_unknown_task_and_lists_tasks(tmp_path, capsys):
 
 
 def test_cli_reports_plot_errors(tmp_path, capsys):
-    # a PlotError inside a command is printed as one line and exits with 2 (gw with an impossible epsilon grid
-    # is not reachable from the CLI, so use a searcher error through the run path of an unknown method object)
-    from pyvene_plot import cli
-
-    def boom(args):
-        from pyvene_plot.errors import PlotError
-
-        raise PlotError("bad input named here")
-
-    parser = cli.build_parser()
-    args = parser.parse_args(["run", "--task", "planted", "--quiet"])
-    args.func = boom
-
-    orig = cli.build_parser
-    try:
-        cli.build_parser = lambda: type("P", (), {"parse_args": lambda self, argv: args})()
-        rc = cli.main([])
-    finally:
-        cli.build_parser = orig
+    """A PlotError inside a command (here: an empty test bank asked of the task builder) is printed as
+    one line naming the problem, exits with 2 and writes no result."""
+    out = tmp_path / "run"
+    rc = main(["run", "--task", "planted", "--quiet", "--task-option", "n_test=0", "--out", str(out)])
     assert rc == 2
-    assert "error: bad input named here" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: split fractions must be positive")
+    assert list(out.iterdir()) == []
 
 
 def test_task_options_parse_and_unknown_option_is_named(capsys):
@@ -87,4 +90,11 @@ def test_cli_compare_size_grid_override(tmp_path, capsys, heq_task):
     assert data["details"]["subspace_sizes"] == [1, 2]
     full = next(r for r in data["rows"] if r["method"] == "full_das")
     assert full["n_trained"] == 2 * full["n_sites_evaluated"] * len(heq_task.variables)
-    assert "size grid [1, 2]" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "size grid [1, 2]" in printed
+    # the printed table is the one the written file reads back to
+    back = pp.Comparison.from_json(out / "compare.json")
+    assert back.task == "heq" and back.rows == data["rows"]
+    assert back.table() in printed
+    assert {r["method"] for r in back.rows} == set(pp.comparison.METHODS)
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
+import json
 
 import pytest
 import torch
@@ -332,4 +332,46 @@ def test_to_json_non_serialisable_payload_leaves_no_file(small_result, tmp_path)
     with pytest.raises(TypeError):
         res.to_json(target)
     assert not target.exists() and _leftovers(tmp_path) == []
-    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ reading results back
+def _damage(text: str, how: str) -> str:
+    if how == "empty":
+        return ""
+    if how == "truncated":
+        return text[: len(text) // 2]
+    if how == "a list":
+        return "[1, 2]"
+    d = json.loads(text)
+    if how == "no rows":
+        del d["rows"]
+    elif how == "row without iia":
+        del d["rows"][0]["iia"]
+    elif how == "rows not a list":
+        d["rows"] = {"plot": 1}
+    elif how == "newer format":
+        d["format_version"] = 99
+    return json.dumps(d)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("empty", "is empty"),
+    ("truncated", "truncated or not valid JSON"),
+    ("a list", "not an object"),
+    ("no rows", r"incomplete: missing \['rows'\]"),
+    ("row without iia", r"row 0 is incomplete: missing \['iia'\]"),
+    ("rows not a list", "'rows' is a dict, not a list"),
+    ("newer format", "format_version 99"),
+])
+def test_comparison_from_json_names_the_file_and_what_is_wrong(tmp_path, how, message):
+    from pyvene_plot.comparison import ROW_KEYS
+
+    row = dict.fromkeys(ROW_KEYS, 0.5) | {"method": "plot", "variable": "V", "sites": "L0"}
+    path = pp.Comparison("toy", [row], {"wall_s": 1.0}).to_json(tmp_path / "compare.json")
+    assert pp.Comparison.from_json(path).rows == [row]  # the undamaged file reads back
+    path.write_text(_damage(path.read_text(), how))
+    with pytest.raises(pp.PlotError, match=message) as err:
+        pp.Comparison.from_json(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(pp.PlotError, match="cannot read"):
+        pp.Comparison.from_json(tmp_path / "missing.json")

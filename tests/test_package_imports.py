@@ -15,7 +15,6 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
 
 import pyvene_plot
 
@@ -144,3 +143,20 @@ def test_the_checker_sees_a_cycle():
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+
+
+def test_import_is_lazy_for_heavy_optional_parts():
+    """``import pyvene_plot`` does not build tasks or import L3D, toys or the LM loaders' dependencies."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pyvene_plot as pp\n"
+        "heavy = ['pyvene_plot.tasks', 'pyvene_plot.methods.l3d', 'pyvene_plot.methods.toys', 'gguf']\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+        "pp.L3D, pp.toys, pp.tasks.names()\n"
+        "print(','.join(m for m in heavy[:3] if m not in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "", f"imported eagerly: {out[0]}"
+    assert out[1] == "", f"not importable lazily: {out[1]}"

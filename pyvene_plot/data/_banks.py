@@ -7,7 +7,6 @@ downstream (signatures, calibration, evaluation, DAS) reads banks, so they are v
 construction: equal ``N`` everywhere, integer labels in range, at least one variable.
 """
 
-
 from __future__ import annotations
 
 import logging
@@ -18,11 +17,9 @@ from typing import Any
 import torch
 
 from ..errors import BankError
-from ._inputs import Inputs, same_structure, index_inputs, inputs_len, inputs_to
+from ._inputs import Inputs, index_inputs, inputs_len, inputs_to, same_structure
 
 logger = logging.getLogger(__name__)
-
-
 
 
 def _as_labels(x: Any, what: str) -> torch.Tensor:
@@ -309,92 +306,119 @@ class PairBank:
         if n <= 0:
             raise BankError(f"n must be positive to build a bank, got n={n}")
         cm = causal_model
-        inputs = list(cm.inputs)
-        if output_var is None:
-            if len(cm.outputs) != 1:
-                raise BankError(f"causal model has outputs {cm.outputs}; pass output_var= to choose one")
-            output_var = cm.outputs[0]
-        elif output_var not in cm.variables:
-            raise BankError(f"output_var {output_var!r} is not a variable of the causal model {cm.variables}")
-        if variables is None:
-            variables = [v for v in cm.variables if v not in inputs and v not in cm.outputs]
-        variables = list(variables)
-        unknown = [v for v in variables if v not in cm.variables]
-        if unknown:
-            raise BankError(f"unknown variable(s) {unknown}; the causal model has {cm.variables}")
-        if not variables:
-            raise BankError("no variables to label; pass variables=[...] naming intermediate variables")
+        output_var, variables = _check_causal_variables(cm, output_var, variables)
         out_values = list(cm.values[output_var])
         if label_of is None:
-            def label_of(value: Any) -> int:  # noqa: E306
-                try:
-                    return out_values.index(value)
-                except ValueError as exc:
-                    raise BankError(
-                        f"output value {value!r} is not in causal_model.values[{output_var!r}]; "
-                        "pass label_of= to map outputs to class indices"
-                    ) from exc
+            label_of = _index_in(out_values, output_var)
         rng = random.Random(int(seed))
         if sampler is None:
-            def sampler(r: random.Random) -> dict:  # noqa: E306
-                return {v: r.choice(list(cm.values[v])) for v in inputs}
-
+            sampler = _uniform_sampler(cm)
         if pair_sampler is not None and not callable(pair_sampler):
             raise BankError("pair_sampler must be a callable rng -> (base_setting, source_setting)")
 
-        def draw_pair():
+        def draw_pair() -> tuple:
             b, s = pair_sampler(rng) if pair_sampler is not None else (sampler(rng), sampler(rng))
             base_out = cm.run_forward(b)[output_var]
             cfs = {v: cm.run_interchange(b, {v: s})[output_var] for v in variables}
             return b, s, base_out, cfs
 
         quota = (n // (len(variables) + 1)) if balance else 0
-        rows: list[tuple] = []
-        tries_total = 0
-        for v in variables:
-            got = 0
-            while got < quota:
-                for _ in range(max_tries):
-                    tries_total += 1
-                    b, s, bo, cfs = draw_pair()
-                    if cfs[v] != bo:
-                        rows.append((b, s, bo, cfs))
-                        got += 1
-                        break
-                else:
-                    raise BankError(
-                        f"could not find a pair where interchanging {v!r} changes {output_var!r} in "
-                        f"{max_tries} draws; the variable may be causally inert under this sampler "
-                        "(pass a sampler= that makes it matter, or balance=False)"
-                    )
-        while len(rows) < n:
-            tries_total += 1
-            rows.append(draw_pair())
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        rows = [rows[i] for i in order]
-
-        def stack(items: list[Inputs]) -> Inputs:
-            if isinstance(items[0], torch.Tensor):
-                return torch.stack(items, 0)
-            if isinstance(items[0], Mapping):
-                return {k: torch.stack([torch.as_tensor(it[k]) for it in items], 0) for k in items[0]}
-            return torch.stack([torch.as_tensor(it) for it in items], 0)
-
-        base_inputs = stack([to_model_inputs(r[0]) for r in rows])
-        source_inputs = stack([to_model_inputs(r[1]) for r in rows])
+        rows, tries_total = _sample_rows(draw_pair, variables, n, quota, max_tries, output_var, rng)
+        base_inputs = _stack_inputs([to_model_inputs(r[0]) for r in rows])
+        source_inputs = _stack_inputs([to_model_inputs(r[1]) for r in rows])
         base_labels = torch.tensor([label_of(r[2]) for r in rows], dtype=torch.long)
         cf = {v: torch.tensor([label_of(r[3][v]) for r in rows], dtype=torch.long) for v in variables}
-        meta = {
-            "built_from": "causal_model",
-            "seed": int(seed),
-            "sampling": "pair_sampler" if pair_sampler is not None else ("sampler" if sampler is not None else "uniform"),
-            "balance": bool(balance),
-            "reserved_per_variable": quota,
-            "draws": tries_total,
-            "output_var": output_var,
-        }
+        # ``sampler`` is never None here (the uniform default was filled in above), so a bank without
+        # a pair_sampler records "sampler" even when it was sampled uniformly; kept as it was
+        sampling = "pair_sampler" if pair_sampler is not None else ("sampler" if sampler is not None else "uniform")
+        meta = {"built_from": "causal_model", "seed": int(seed), "sampling": sampling, "balance": bool(balance),
+                "reserved_per_variable": quota, "draws": tries_total, "output_var": output_var}
         bank = cls(base_inputs, source_inputs, base_labels, cf, name=name, num_classes=len(out_values), meta=meta)
         bank.settings = ([r[0] for r in rows], [r[1] for r in rows])  # type: ignore[attr-defined]
         logger.info("built %r", bank)
         return bank
+
+
+# ------------------------------------------------------------------ steps of PairBank.from_causal_model
+def _check_causal_variables(cm: Any, output_var: str | None, variables: Sequence[str] | None) -> tuple[str, list[str]]:
+    """Resolve and check the output variable and the variables to label (default: every intermediate one)."""
+    inputs = list(cm.inputs)
+    if output_var is None:
+        if len(cm.outputs) != 1:
+            raise BankError(f"causal model has outputs {cm.outputs}; pass output_var= to choose one")
+        output_var = cm.outputs[0]
+    elif output_var not in cm.variables:
+        raise BankError(f"output_var {output_var!r} is not a variable of the causal model {cm.variables}")
+    if variables is None:
+        variables = [v for v in cm.variables if v not in inputs and v not in cm.outputs]
+    variables = list(variables)
+    unknown = [v for v in variables if v not in cm.variables]
+    if unknown:
+        raise BankError(f"unknown variable(s) {unknown}; the causal model has {cm.variables}")
+    if not variables:
+        raise BankError("no variables to label; pass variables=[...] naming intermediate variables")
+    return output_var, variables
+
+
+def _index_in(out_values: list, output_var: str) -> Callable[[Any], int]:
+    """The default ``label_of``: an output value's index in ``causal_model.values[output_var]``."""
+    def label_of(value: Any) -> int:
+        try:
+            return out_values.index(value)
+        except ValueError as exc:
+            raise BankError(
+                f"output value {value!r} is not in causal_model.values[{output_var!r}]; "
+                "pass label_of= to map outputs to class indices"
+            ) from exc
+    return label_of
+
+
+def _uniform_sampler(cm: Any) -> Callable[[random.Random], dict]:
+    """The default ``sampler``: each input variable uniform over ``causal_model.values[var]``."""
+    inputs = list(cm.inputs)
+
+    def sampler(r: random.Random) -> dict:
+        return {v: r.choice(list(cm.values[v])) for v in inputs}
+    return sampler
+
+
+def _sample_rows(draw_pair: Callable[[], tuple], variables: list[str], n: int, quota: int, max_tries: int,
+                 output_var: str, rng: random.Random) -> tuple[list[tuple], int]:
+    """Draw ``n`` labelled pairs: first ``quota`` per variable where it changes the output, then freely; shuffled.
+
+    Each row is ``(base setting, source setting, base output, {variable: counterfactual output})``.
+    Returns the rows and the number of draws.
+    """
+    rows: list[tuple] = []
+    tries_total = 0
+    for v in variables:
+        got = 0
+        while got < quota:
+            for _ in range(max_tries):
+                tries_total += 1
+                b, s, bo, cfs = draw_pair()
+                if cfs[v] != bo:
+                    rows.append((b, s, bo, cfs))
+                    got += 1
+                    break
+            else:
+                raise BankError(
+                    f"could not find a pair where interchanging {v!r} changes {output_var!r} in "
+                    f"{max_tries} draws; the variable may be causally inert under this sampler "
+                    "(pass a sampler= that makes it matter, or balance=False)"
+                )
+    while len(rows) < n:
+        tries_total += 1
+        rows.append(draw_pair())
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    return [rows[i] for i in order], tries_total
+
+
+def _stack_inputs(items: list[Inputs]) -> Inputs:
+    """Stack per-example model inputs (tensors or dicts of tensors) along a new batch dimension."""
+    if isinstance(items[0], torch.Tensor):
+        return torch.stack(items, 0)
+    if isinstance(items[0], Mapping):
+        return {k: torch.stack([torch.as_tensor(it[k]) for it in items], 0) for k in items[0]}
+    return torch.stack([torch.as_tensor(it) for it in items], 0)

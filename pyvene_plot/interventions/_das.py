@@ -1,5 +1,10 @@
-"""Das."""
+"""The DAS rotation interventions: :class:`LowRankDASIntervention` (whole vector) and
+:class:`SupportRotatedSpaceIntervention` (a support of coordinates or basis rows).
 
+Both carry the site's token position as a buffer. :mod:`pyvene_plot.interventions` reports itself
+as their module, so pyvene configs name ``pyvene_plot.interventions.<Class>``; configs saved before
+the restructure name ``pyvene_plot.das.<Class>``, which :mod:`pyvene_plot.das` still re-exports.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,11 @@ import pyvene as pv
 import torch
 from pyvene.models.layers import LowRankRotateLayer
 
-
 from .._constants import ORTHO_ATOL
 from ..errors import PlotError
 from ._soft import set_intervention_position
 
 logger = logging.getLogger(__name__)
-
-
 
 
 # =============================================================================== interventions

@@ -34,7 +34,6 @@ coefficients ``strength * weight``; or the usual pyvene list of per-row coordina
 restricts the intervention to those coordinates.
 """
 
-
 from __future__ import annotations
 
 from typing import Any
@@ -44,8 +43,6 @@ import torch
 
 from .._constants import ORTHO_ATOL
 from ..errors import PlotError
-
-
 
 
 def _coefficients(

@@ -1,14 +1,44 @@
-"""One localisation stage: interchange engine, signatures, transport, calibration, handles, the searcher."""
+"""One localisation stage: interchange engine → signatures → transport → calibration → handles.
+
+:class:`OTAlignmentSearcher` runs the whole stage and returns an :class:`AlignmentResult`; the steps
+are importable on their own for users who want one of them (e.g. :func:`collect_site_effects`).
+"""
 
 from __future__ import annotations
 
-from ._calibration import truncate_row, lambda_order, BankCache, score_candidates
-from ._engine import Unit, InterchangeEngine
-from ._handles import unit_locations_for, run_intervenable, Handle
-from ._metrics import SELECTION_RULES, Candidate, select, iia_scores
-from ._results import SCHEMA_VERSION, AlignmentResult
-from ._search import DEFAULT_TOP_K, DEFAULT_LAMBDAS, AUTO_EPSILON_FACTORS, AUTO_BETA_FACTORS, AUTO_EPSILON_FIXED, OTAlignmentSearcher
-from ._signatures import SIGNATURE_MODES, SiteEffects, site_masks, label_set_of, collect_site_effects, abstract_signatures, neural_signatures, cost_matrix
-from ._transport import METHODS, TransportPlan, row_softmax, intra_geometry, solve_transport
+from ._calibration import BankCache, lambda_order, score_candidates, truncate_row
+from ._engine import InterchangeEngine, Unit
+from ._handles import Handle, run_intervenable, unit_locations_for
+from ._metrics import SELECTION_RULES, Candidate, iia_scores, select
+from ._results import FORMAT_VERSION, SCHEMA_VERSION, AlignmentResult
+from ._search import (
+    AUTO_BETA_FACTORS,
+    AUTO_EPSILON_FACTORS,
+    AUTO_EPSILON_FIXED,
+    DEFAULT_LAMBDAS,
+    DEFAULT_TOP_K,
+    OTAlignmentSearcher,
+)
+from ._signatures import (
+    SIGNATURE_MODES,
+    SiteEffects,
+    abstract_signatures,
+    collect_site_effects,
+    cost_matrix,
+    label_set_of,
+    neural_signatures,
+    site_masks,
+)
+from ._transport import METHODS, TransportPlan, intra_geometry, row_softmax, solve_transport
 
-__all__ = ['truncate_row', 'lambda_order', 'BankCache', 'score_candidates', 'Unit', 'InterchangeEngine', 'unit_locations_for', 'run_intervenable', 'Handle', 'SELECTION_RULES', 'Candidate', 'select', 'iia_scores', 'SCHEMA_VERSION', 'AlignmentResult', 'DEFAULT_TOP_K', 'DEFAULT_LAMBDAS', 'AUTO_EPSILON_FACTORS', 'AUTO_BETA_FACTORS', 'AUTO_EPSILON_FIXED', 'OTAlignmentSearcher', 'SIGNATURE_MODES', 'SiteEffects', 'site_masks', 'label_set_of', 'collect_site_effects', 'abstract_signatures', 'neural_signatures', 'cost_matrix', 'METHODS', 'TransportPlan', 'row_softmax', 'intra_geometry', 'solve_transport']
+__all__ = [
+    "InterchangeEngine", "Unit",
+    "SIGNATURE_MODES", "SiteEffects", "collect_site_effects", "abstract_signatures", "neural_signatures",
+    "cost_matrix", "label_set_of", "site_masks",
+    "METHODS", "TransportPlan", "solve_transport", "row_softmax", "intra_geometry",
+    "BankCache", "truncate_row", "lambda_order", "score_candidates",
+    "SELECTION_RULES", "Candidate", "select", "iia_scores",
+    "Handle", "run_intervenable", "unit_locations_for",
+    "DEFAULT_TOP_K", "DEFAULT_LAMBDAS", "AUTO_EPSILON_FACTORS", "AUTO_BETA_FACTORS", "AUTO_EPSILON_FIXED",
+    "OTAlignmentSearcher", "AlignmentResult", "FORMAT_VERSION", "SCHEMA_VERSION",
+]

@@ -14,7 +14,6 @@ All candidates of all variables are scored in one batched pass through the inter
 reusing the calibration bank's cached source activations.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -24,14 +23,11 @@ import numpy as np
 import torch
 
 from ..data import PairBank
-from ._engine import InterchangeEngine
 from ..errors import PlotError
-from ._metrics import iia_scores
-from ._signatures import site_masks
 from ..models import Site
-from ._metrics import Candidate
-
-
+from ._engine import InterchangeEngine
+from ._metrics import Candidate, iia_scores
+from ._signatures import site_masks
 
 
 def truncate_row(row: np.ndarray, k: int, weight_norm: str = "sum", allowed: Sequence[int] | None = None) -> tuple[list[int], list[float]]:

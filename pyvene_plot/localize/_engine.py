@@ -10,7 +10,6 @@ the intervention through pyvene's ``subspaces`` channel) and precomputed source 
 48 sites x 1000 pairs is a handful of batched forwards with no per-site model rebuild.
 """
 
-
 from __future__ import annotations
 
 import logging
@@ -22,17 +21,12 @@ import pyvene as pv
 import torch
 
 from .._constants import AUTO_BATCH_MAX_ROWS, AUTO_BATCH_MB, AUTO_BATCH_MIN_ROWS
-from ..data import Inputs, inputs_len
+from ..data import Inputs, as_model_kwargs, inputs_len, sequence_length
 from ..errors import ModelError, SiteError
 from ..interventions import SoftInterchangeIntervention, SoftSpanInterchangeIntervention
-from ..models import Readout
-from ..models import model_spec
-from ..models import resolve_positions
-from ..data import as_model_kwargs, sequence_length
-from ..models import model_device
+from ..models import Readout, model_device, model_spec, resolve_positions
 
 logger = logging.getLogger(__name__)
-
 
 
 Unit = tuple  # (layer, component, position, basis_id)

@@ -12,7 +12,6 @@ variant) in a :class:`pyvene.IntervenableConfig`::
     im.save(d); im2 = pyvene.IntervenableModel.load(d, model)      # round-trips, fresh process too
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -24,21 +23,17 @@ import numpy as np
 import pyvene as pv
 import torch
 
-from ..data import Inputs, inputs_len
-
-from ..data import PairBank
-from ..data import as_model_kwargs, sequence_length
-from ..models import model_device
+from ..data import Inputs, PairBank, as_model_kwargs, inputs_len, sequence_length
 from ..errors import BankError, ModelError, PlotError, SiteError
-from ..interventions import SoftInterchangeIntervention, SoftSpanInterchangeIntervention, intervention_position
-from ..models import Readout
-from ..models import Site, resolve_positions
-from ..models import model_spec, validate_sites
+from ..interventions import (
+    SoftInterchangeIntervention,
+    SoftSpanInterchangeIntervention,
+    intervention_position,
+)
+from ..models import Readout, Site, model_device, model_spec, resolve_positions, validate_sites
 from ._metrics import iia_scores
 
 logger = logging.getLogger(__name__)
-
-
 
 
 def unit_locations_for(im: pv.IntervenableModel, base: Mapping, source: Mapping) -> dict:

@@ -1,21 +1,17 @@
 """Metrics."""
 
-
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ..errors import PlotError
-import logging
-
-
 
 logger = logging.getLogger(__name__)
-
 
 
 SELECTION_RULES = ("balanced", "iia", "sensitive")

@@ -1,10 +1,8 @@
 """Alignment results: the coupling, the calibrated handles, diagnostics, and their serialisation."""
 
-
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,17 +11,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_json_as,
+    package_versions,
+    require_keys,
+    writer_tag,
+)
 from ..data import PairBank
 from ..errors import PlotError
-from ._handles import Handle
 from ..models import Site
-from .._utils import atomic_write_bytes, atomic_write_json, package_versions
+from ._handles import Handle
 
 logger = logging.getLogger(__name__)
 
 
-
-SCHEMA_VERSION = 1
+#: layout of the JSON written by :meth:`AlignmentResult.to_json` (files from before ``format_version``
+#: carry the same layout under ``"schema_version": 1`` and are still read)
+FORMAT_VERSION = 1
+#: the old name of :data:`FORMAT_VERSION`
+SCHEMA_VERSION = FORMAT_VERSION
+#: keys :meth:`AlignmentResult.from_dict` cannot do without
+_REQUIRED_KEYS = ("variables", "sites", "coupling", "cost", "handles", "runtime_s", "method", "epsilon")
 
 
 @dataclasses.dataclass
@@ -130,8 +140,10 @@ class AlignmentResult:
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict:
+        """A JSON-ready dict (read back by :meth:`from_dict`)."""
         return {
-            "schema_version": SCHEMA_VERSION,
+            "format_version": FORMAT_VERSION,
+            "writer": writer_tag(),
             "variables": self.variables,
             "sites": [s.to_dict() for s in self.sites],
             "site_labels": [s.label for s in self.sites],
@@ -158,35 +170,58 @@ class AlignmentResult:
 
     @classmethod
     def from_dict(cls, d: Mapping, model: torch.nn.Module | None = None) -> "AlignmentResult":
-        if int(d.get("schema_version", 0)) != SCHEMA_VERSION:
-            raise PlotError(f"unsupported result schema_version {d.get('schema_version')}; expected {SCHEMA_VERSION}")
-        res = cls(
-            variables=list(d["variables"]),
-            sites=[Site.from_dict(s) for s in d["sites"]],
-            coupling=np.asarray(d["coupling"], dtype=np.float64),
-            cost=np.asarray(d["cost"], dtype=np.float64),
-            handles={v: Handle.from_dict(h) for v, h in d["handles"].items()},
-            baseline={v: Handle.from_dict(h) for v, h in d.get("baseline", {}).items()},
-            runtime_s=float(d["runtime_s"]),
-            method=d["method"],
-            epsilon=float(d["epsilon"]),
-            beta=None if d.get("beta") is None else float(d["beta"]),
-            signature=d.get("signature", ""),
-            trials=list(d.get("trials", [])),
-            calibration=dict(d.get("calibration", {})),
-            diagnostics=dict(d.get("diagnostics", {})),
-            config=dict(d.get("config", {})),
-            bases={k: np.asarray(v, dtype=np.float32) for k, v in d.get("bases", {}).items()},
-        )
+        """Inverse of :meth:`to_dict` (also reads dicts with the old ``schema_version`` key).
+
+        Raises
+        ------
+        PlotError
+            On a missing field or an unsupported ``format_version``.
+        """
+        require_keys(d, (), "AlignmentResult")
+        version = d.get("format_version", d.get("schema_version"))
+        if version is None:
+            raise PlotError("AlignmentResult is incomplete: missing ['format_version']")
+        if version != FORMAT_VERSION:
+            raise PlotError(f"unsupported AlignmentResult format_version {version!r}; this version reads {FORMAT_VERSION}")
+        require_keys(d, _REQUIRED_KEYS, "AlignmentResult")
+        try:
+            res = cls(
+                variables=list(d["variables"]),
+                sites=[Site.from_dict(s) for s in d["sites"]],
+                coupling=np.asarray(d["coupling"], dtype=np.float64),
+                cost=np.asarray(d["cost"], dtype=np.float64),
+                handles={v: Handle.from_dict(h) for v, h in d["handles"].items()},
+                baseline={v: Handle.from_dict(h) for v, h in d.get("baseline", {}).items()},
+                runtime_s=float(d["runtime_s"]),
+                method=d["method"],
+                epsilon=float(d["epsilon"]),
+                beta=None if d.get("beta") is None else float(d["beta"]),
+                signature=d.get("signature", ""),
+                trials=list(d.get("trials", [])),
+                calibration=dict(d.get("calibration", {})),
+                diagnostics=dict(d.get("diagnostics", {})),
+                config=dict(d.get("config", {})),
+                bases={k: np.asarray(v, dtype=np.float32) for k, v in d.get("bases", {}).items()},
+            )
+        except KeyError as exc:
+            raise PlotError(f"AlignmentResult is incomplete: a site or handle lacks {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise PlotError(f"AlignmentResult is malformed: {exc}") from None
         if model is not None:
             res.attach(model)
         return res
 
     @classmethod
     def from_json(cls, path: str | Path, model: torch.nn.Module | None = None) -> "AlignmentResult":
-        """Read a result written by :meth:`to_json`; pass ``model`` to make the handles runnable."""
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh), model=model)
+        """Read a result written by :meth:`to_json`; pass ``model`` to make the handles runnable.
+
+        Raises
+        ------
+        PlotError
+            When the file is empty, truncated or lacks a field (the message names the file and
+            what is missing).
+        """
+        return load_json_as(cls, path, model=model)
 
     # ------------------------------------------------------------------ plots
     def plot(self, path: str | Path | None = None, normalize: str = "row", ax: Any = None, max_sites: int = 200) -> Any:

@@ -17,7 +17,6 @@ variable on the fit bank, which the signature sweep measures anyway — so the c
 transport step is always visible next to it.
 """
 
-
 from __future__ import annotations
 
 import logging
@@ -29,22 +28,34 @@ import numpy as np
 import torch
 
 from .._constants import DEFAULT_TOP_K
-from ..data import PairBank
-from ._calibration import BankCache, lambda_order, score_candidates, truncate_row
-from ._metrics import Candidate, SELECTION_RULES, select
-from ._engine import InterchangeEngine
-from ..errors import BankError, PlotError, SiteError, TransportError
-from ._handles import Handle
-from ..models import Readout
-from ._results import AlignmentResult
-from ._signatures import SIGNATURE_MODES, SiteEffects, abstract_signatures, collect_site_effects, cost_matrix, neural_signatures
-from ..models import Site
-from ..models import validate_sites
-from ._transport import METHODS, solve_transport
+from .._params import ParamsMixin
 from .._utils import seed_everything
+from ..data import PairBank
+from ..errors import BankError, PlotError, TransportError
+from ..models import Readout, Site
+from ._calibration import BankCache, lambda_order
+from ._engine import InterchangeEngine
+from ._fit_steps import (
+    CostVariant,
+    FitSetup,
+    SweepOutcome,
+    baseline_handles,
+    calibrate_plan,
+    calibrated_handles,
+    check_allowed,
+    check_banks_localisable,
+    check_label_range,
+    collect_effects,
+    cost_variants,
+    fit_diagnostics,
+    prepare_sites,
+)
+from ._metrics import SELECTION_RULES
+from ._results import AlignmentResult
+from ._signatures import SIGNATURE_MODES, SiteEffects
+from ._transport import METHODS, solve_transport
 
 logger = logging.getLogger(__name__)
-
 
 
 DEFAULT_LAMBDAS = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -76,7 +87,12 @@ def _grid(value: Any, name: str) -> tuple[float, ...] | str:
     return tuple(out)
 
 
-class OTAlignmentSearcher:
+#: the parameters an :class:`AlignmentResult` records in ``config`` (with ``readout`` as a dict)
+_RECORDED_PARAMS = ("method", "epsilon", "beta", "signature", "top_k", "lambdas", "seed", "sided", "normalize",
+                    "min_effect", "weight_norm", "selection", "alpha", "batch_size", "max_iter", "tol")
+
+
+class OTAlignmentSearcher(ParamsMixin):
     """Localise abstract variables among candidate sites with optimal transport.
 
     Parameters
@@ -161,27 +177,17 @@ class OTAlignmentSearcher:
         self._validate()
 
     # ------------------------------------------------------------------ params
-    _PARAMS = ("method", "epsilon", "beta", "signature", "top_k", "lambdas", "seed", "sided", "normalize",
-               "min_effect", "weight_norm", "selection", "alpha", "batch_size", "max_iter", "tol")
-
-    def get_params(self) -> dict:
-        p = {k: getattr(self, k) for k in self._PARAMS}
+    # get_params / set_params: ParamsMixin (derived from the __init__ signature)
+    def params_dict(self) -> dict[str, Any]:
+        """The parameters as recorded in :attr:`AlignmentResult.config`: JSON-ready, ``progress`` left out,
+        the readout as :meth:`Readout.to_dict` (the default readout when none was given)."""
+        p = {k: getattr(self, k) for k in _RECORDED_PARAMS}
         p["readout"] = (self.readout or Readout()).to_dict()
         return p
 
-    def set_params(self, **params: Any) -> "OTAlignmentSearcher":
-        for k, v in params.items():
-            if k not in self._PARAMS and k not in ("readout", "progress"):
-                raise PlotError(f"unknown parameter {k!r}; valid: {self._PARAMS}")
-            setattr(self, k, v)
-        self._validate()
-        return self
-
     def clone(self, **params: Any) -> "OTAlignmentSearcher":
-        p = {k: getattr(self, k) for k in self._PARAMS}
-        p.update(readout=self.readout, progress=self.progress)
-        p.update(params)
-        return OTAlignmentSearcher(**p)
+        """A new searcher with these parameters and the others copied from this one."""
+        return OTAlignmentSearcher(**{**self.get_params(), **params})
 
     def __repr__(self) -> str:
         return f"OTAlignmentSearcher(method={self.method!r}, epsilon={self.epsilon!r}, signature={self.signature!r})"
@@ -274,159 +280,119 @@ class OTAlignmentSearcher:
         t0 = time.perf_counter()
         self._validate()
         seed_everything(int(self.seed))
+        setup = self._prepare_fit(model, sites, fit_bank, calibration_bank, variables, bases, allowed)
+        sites, variables, bases_t, readout = setup.sites, setup.variables, setup.bases, setup.readout
+        engine = InterchangeEngine(model, [s.unit for s in sites], readout, bases=bases_t, batch_size=self.batch_size)
+        # ---- effects and signatures on the fit bank
+        effects, sig_time = collect_effects(model, sites, fit_bank, variables, readout, bases_t, self.batch_size,
+                                            self.progress, engine, effects)
+        variants = cost_variants(fit_bank, variables, effects, self._signatures(), self._normalizations(),
+                                 self.min_effect)
+        fs = effects.full_swap_scores(fit_bank, variables)
+        check_label_range(calibration_bank, effects)
+        baseline = baseline_handles(model, sites, variables, fs, allowed, self.selection, readout, bases_t)
+        # ---- sweep over (signature, normalize, epsilon, beta), judged on calibration only
+        sweep = self._sweep(setup, variants, fs, engine, calibration_bank)
+        return self._build_result(model, setup, effects, variants, fs, baseline, sweep, fit_bank, calibration_bank,
+                                  timings={"t0": t0, "signature_runtime_s": sig_time})
+
+    def _prepare_fit(self, model, sites, fit_bank, calibration_bank, variables, bases, allowed) -> FitSetup:
+        """Validate the fit's inputs and resolve variables, bases, grids and readout (step 1 of :meth:`fit`)."""
         sites = list(sites)
         variables = list(variables) if variables is not None else list(fit_bank.variables)
         if not variables:
             raise BankError("no variables to localise")
-        for bank in (fit_bank, calibration_bank):
-            bank.check_variables(variables)
-            for v in variables:
-                if not bool(bank.changed(v).any()):
-                    raise BankError(
-                        f"bank {bank.name!r} has no pair where interchanging {v!r} changes the output; "
-                        "the variable cannot be localised or calibrated on it — add such pairs (e.g. "
-                        "PairBank.from_causal_model(..., balance=True))"
-                    )
-        bases_t = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in (bases or {}).items()}
-        validate_sites(model, sites, {k: int(v.shape[0]) for k, v in bases_t.items()})
-        if len(set(sites)) != len(sites):
-            raise SiteError("candidate sites contain duplicates")
-        if allowed is not None:
-            for v, idx in allowed.items():
-                if v not in variables:
-                    raise PlotError(f"allowed names unknown variable {v!r}")
-                if len(idx) == 0:
-                    raise SiteError(f"empty support for variable {v!r}: no allowed sites")
-                if min(idx) < 0 or max(idx) >= len(sites):
-                    raise SiteError(f"allowed site index out of range for {v!r}")
-        n_support = min(len(allowed[v]) for v in variables) if allowed else len(sites)
+        check_banks_localisable(fit_bank, calibration_bank, variables)
+        sites, bases_t = prepare_sites(model, sites, bases)
+        n_support = check_allowed(allowed, variables, len(sites))
         k_grid = self._k_grid(len(sites))
         if self.top_k is not None and allowed and max(k_grid) > n_support:
             raise PlotError(f"top-k {max(k_grid)} is larger than the {n_support} sites a variable may use")
         lambdas = lambda_order(_grid(self.lambdas, "lambdas"))
         readout = self.readout or getattr(fit_bank, "readout", None) or Readout()
+        return FitSetup(sites, variables, bases_t, allowed, k_grid, lambdas, readout)
 
-        engine = InterchangeEngine(model, [s.unit for s in sites], readout, bases=bases_t, batch_size=self.batch_size)
-        # ---- signatures on the fit bank
-        t_sig = time.perf_counter()
-        if effects is None:
-            effects = collect_site_effects(model, sites, fit_bank, variables, readout, bases_t, self.batch_size,
-                                           self.progress, engine=engine)
-            sig_time = time.perf_counter() - t_sig
-        else:
-            if [s for s in effects.sites] != sites:
-                raise PlotError("effects were collected for different sites")
-            sig_time = effects.runtime_s
-        variants = []  # (signature, normalize, A, N, C, magnitude, floored)
-        for sig in self._signatures():
-            A = abstract_signatures(fit_bank, variables, effects.label_set, sig)
-            Ns = neural_signatures(effects, sig)
-            for nz in self._normalizations():
-                C, magnitude, floored = cost_matrix(A, Ns, len(fit_bank), bool(nz), self.min_effect)
-                variants.append((sig, bool(nz), A, Ns, C, magnitude, floored))
-        fs = effects.full_swap_scores(fit_bank, variables)
-        n_classes = int(effects.base_logits.shape[1])
-        if calibration_bank.max_label() >= n_classes:
-            raise BankError(
-                f"bank {calibration_bank.name!r} holds label {calibration_bank.max_label()} but the readout "
-                f"gives {n_classes} classes; labels must index the model's output classes"
-            )
-        # ---- free baseline: best single site by full-swap score on the fit bank
-        baseline = {}
-        for v in variables:
-            cand = np.arange(len(sites)) if not allowed else np.asarray(sorted(allowed[v]))
-            sc = np.nan_to_num(fs[v][self.selection if self.selection != "sensitive" else "sensitive"][cand], nan=-1)
-            best = int(cand[int(np.argmax(sc))])
-            baseline[v] = Handle(v, [sites[best]], [1.0], 1.0, readout, _bases_np(bases_t, [sites[best]]),
-                                 meta={"fit_full_swap": {k: float(fs[v][k][best]) for k in fs[v]}}, model=model)
+    def _sweep(self, setup: FitSetup, variants: list[CostVariant], fs: dict, engine: InterchangeEngine,
+               calibration_bank: PairBank) -> SweepOutcome:
+        """Solve the transport for every (signature, normalize, ε, β) and calibrate each plan.
 
-        # ---- sweep over (signature, normalize, epsilon, beta), judged on calibration only
-        cache = BankCache(engine, calibration_bank)
-        trials: list[dict] = []
-        best_trial = None
-        t_solve = t_cal = 0.0
+        Every setting is judged by its mean calibration score; the first best one (ties within
+        1e-12 keep the earlier setting) is selected. A failed solve is recorded, not fatal, unless
+        every setting fails.
+        """
         from tqdm.auto import tqdm
 
+        variables = setup.variables
+        cache = BankCache(engine, calibration_bank)
+        sweep = SweepOutcome([], None, 0.0, 0.0)
         bf_scores = np.stack([np.nan_to_num(fs[v]["balanced"], nan=0.0) for v in variables])
         configs = []
         for vi, var in enumerate(variants):
-            scale = float(var[4].max() - var[4].min())
+            scale = float(var.C.max() - var.C.min())
             configs += [(vi, e, b, scale) for e in self._epsilon_grid(scale) for b in self._beta_grid(scale)]
         bar = tqdm(configs, desc=f"PLOT {self.method}", leave=False, disable=not self.progress)
         for vi, eps, beta, scale in bar:
-            sig, nz, A, Ns, C, magnitude, floored = variants[vi]
-            rec: dict[str, Any] = {"signature": sig, "normalize": nz, "epsilon": eps, "beta": beta, "cost_range": scale}
+            var = variants[vi]
+            rec: dict[str, Any] = {"signature": var.signature, "normalize": var.normalize, "epsilon": eps,
+                                   "beta": beta, "cost_range": scale}
             ts = time.perf_counter()
             try:
                 plan = solve_transport(
-                    C, self.method, eps, beta, sided=self.sided, max_iter=self.max_iter, tol=self.tol,
-                    A_sig=A, N_sig=Ns, scores=bf_scores, alpha=self.alpha,
+                    var.C, self.method, eps, beta, sided=self.sided, max_iter=self.max_iter, tol=self.tol,
+                    A_sig=var.A, N_sig=var.N, scores=bf_scores, alpha=self.alpha,
                 )
             except TransportError as exc:
                 rec["failed"] = str(exc)
-                t_solve += time.perf_counter() - ts
-                trials.append(rec)
-                logger.info("trial %s eps=%.3g beta=%s failed: %s", sig, eps, beta, exc)
+                sweep.solve_s += time.perf_counter() - ts
+                sweep.trials.append(rec)
+                logger.info("trial %s eps=%.3g beta=%s failed: %s", var.signature, eps, beta, exc)
                 continue
-            t_solve += time.perf_counter() - ts
+            sweep.solve_s += time.perf_counter() - ts
             rec.update(plan.diagnostics())
             tc = time.perf_counter()
-            chosen, all_cands = self._calibrate(plan.coupling, variables, sites, k_grid, lambdas, allowed, engine, cache)
-            t_cal += time.perf_counter() - tc
+            chosen, all_cands = calibrate_plan(plan.coupling, setup, engine, cache, self.weight_norm, self.selection)
+            sweep.calibration_s += time.perf_counter() - tc
             rec["calibration"] = {v: {"k": c.k, "strength": c.strength, **c.scores} for v, c in chosen.items()}
             rec["score"] = float(np.mean([chosen[v].scores[self.selection] for v in variables]))
-            trials.append(rec)
-            if best_trial is None or rec["score"] > best_trial[0]["score"] + 1e-12:
-                best_trial = (rec, plan, chosen, all_cands, vi)
+            sweep.trials.append(rec)
+            if sweep.best is None or rec["score"] > sweep.best[0]["score"] + 1e-12:
+                sweep.best = (rec, plan, chosen, all_cands, vi)
         bar.close()
-        if best_trial is None:
-            reasons = "; ".join(t.get("failed", "") for t in trials[:3])
+        if sweep.best is None:
+            reasons = "; ".join(t.get("failed", "") for t in sweep.trials[:3])
             raise TransportError(
-                f"every transport configuration failed ({len(trials)} tried). First reasons: {reasons}"
+                f"every transport configuration failed ({len(sweep.trials)} tried). First reasons: {reasons}"
             )
-        rec, plan, chosen, all_cands, vi = best_trial
-        sig, nz, A, Ns, C, magnitude, floored = variants[vi]
+        return sweep
+
+    def _build_result(self, model, setup: FitSetup, effects: SiteEffects, variants: list[CostVariant], fs: dict,
+                      baseline: dict, sweep: SweepOutcome, fit_bank: PairBank, calibration_bank: PairBank,
+                      timings: dict) -> AlignmentResult:
+        """Handles of the selected setting, diagnostics and the :class:`AlignmentResult` (last step of :meth:`fit`)."""
+        rec, plan, chosen, all_cands, vi = sweep.best
+        var = variants[vi]
         scale = rec["cost_range"]
-        handles = {}
-        calib = {}
-        for v in variables:
-            c = chosen[v]
-            hs = [sites[i] for i in c.indices]
-            handles[v] = Handle(v, hs, c.weights, c.strength, readout, _bases_np(bases_t, hs),
-                                meta={"k": c.k, "calibration": c.scores}, model=model)
-            calib[v] = {
-                "k": c.k, "strength": c.strength, "sites": [s.label for s in hs], "weights": c.weights,
-                "scores": c.scores,
-                "candidates": [{"k": a.k, "strength": a.strength, **a.scores} for a in all_cands[v]],
-            }
-        runtime = time.perf_counter() - t0
-        diagnostics = {
-            "label_set": effects.label_set,
-            "n_sites": len(sites),
-            "n_sites_evaluated": len(sites),
-            "signature_runtime_s": sig_time,
-            "signature_per_site_s": sig_time / max(1, len(sites)),
-            "solve_runtime_s": t_solve,
-            "calibration_runtime_s": t_cal,
-            "cost_range": scale,
+        sites, variables, bases_t = setup.sites, setup.variables, setup.bases
+        handles, calib = calibrated_handles(model, sites, variables, chosen, all_cands, setup.readout, bases_t)
+        runtime = time.perf_counter() - timings["t0"]
+        grids = {
             "signature_grid": list(self._signatures()),
             "normalize_grid": list(self._normalizations()),
             "epsilon_grid": list(self._epsilon_grid(scale)),
             "beta_grid": list(self._beta_grid(scale)),
-            "top_k_grid": list(k_grid),
-            "lambda_grid": list(lambdas),
-            "site_magnitude": magnitude.tolist(),
-            "floored_sites": [sites[i].label for i in np.flatnonzero(floored)],
-            "fit_full_swap": {v: {k: np.asarray(a).tolist() for k, a in fs[v].items()} for v in variables},
-            "banks": {"fit": fit_bank.summary(), "calibration": calibration_bank.summary()},
-            "n_trials": len(trials),
-            "n_failed_trials": sum(1 for t in trials if "failed" in t),
-            "selected_trial": rec,
+            "top_k_grid": list(setup.k_grid),
+            "lambda_grid": list(setup.lambdas),
         }
+        diagnostics = fit_diagnostics(
+            effects=effects, sites=sites, variables=variables, variant=var, full_swap=fs, grids=grids,
+            timings={"signature_runtime_s": timings["signature_runtime_s"], "solve_runtime_s": sweep.solve_s,
+                     "calibration_runtime_s": sweep.calibration_s},
+            fit_bank=fit_bank, calibration_bank=calibration_bank, trials=sweep.trials, selected=rec,
+        )
         result = AlignmentResult(
-            variables=variables, sites=sites, coupling=plan.coupling, cost=C, handles=handles, baseline=baseline,
-            runtime_s=runtime, method=self.method, epsilon=plan.epsilon, beta=plan.beta, signature=sig,
-            trials=trials, calibration=calib, diagnostics=diagnostics, config=self.get_params(),
+            variables=variables, sites=sites, coupling=plan.coupling, cost=var.C, handles=handles, baseline=baseline,
+            runtime_s=runtime, method=self.method, epsilon=plan.epsilon, beta=plan.beta, signature=var.signature,
+            trials=sweep.trials, calibration=calib, diagnostics=diagnostics, config=self.params_dict(),
             bases={k: v.numpy() for k, v in bases_t.items()}, model=model,
         )
         logger.info("%r", result)
@@ -449,27 +415,3 @@ class OTAlignmentSearcher:
             return g
         s = scale if scale > 0 else 1.0
         return tuple(f * s for f in AUTO_BETA_FACTORS)
-
-    def _calibrate(self, P, variables, sites, k_grid, lambdas, allowed, engine, cache):
-        cands: dict[str, list[Candidate]] = {}
-        flat: list[Candidate] = []
-        for r, v in enumerate(variables):
-            seen = set()
-            lst = []
-            for k in k_grid:
-                idx, w = truncate_row(P[r], k, self.weight_norm, None if allowed is None else allowed.get(v))
-                key = (tuple(idx), tuple(np.round(w, 12)))
-                if key in seen:
-                    continue
-                seen.add(key)
-                for lam in lambdas:
-                    lst.append(Candidate(v, len(idx), lam, idx, w))
-            cands[v] = lst
-            flat.extend(lst)
-        score_candidates(engine, cache, sites, flat)
-        chosen = {v: select(cands[v], self.selection) for v in variables}
-        return chosen, cands
-
-
-def _bases_np(bases: Mapping[str, torch.Tensor], sites: Sequence[Site]) -> dict[str, np.ndarray]:
-    return {s.basis: bases[s.basis].numpy() for s in sites if s.basis is not None}

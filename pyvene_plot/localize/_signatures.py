@@ -22,7 +22,6 @@ mean squared distance per pair, ``C[Z, S] = ||a_Z - n_S||^2 / N``.
 The full-swap sweep also yields each site's own full-swap IIA: the free brute-force baseline.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -34,13 +33,11 @@ import numpy as np
 import torch
 
 from ..data import PairBank
-from ._engine import InterchangeEngine
 from ..errors import BankError, SignatureError
-from ..models import Readout
-from ..models import Site
+from ..models import Readout, Site
+from ._engine import InterchangeEngine
 
 logger = logging.getLogger(__name__)
-
 
 
 SIGNATURE_MODES = ("prob_delta", "logit_delta", "margin_delta")

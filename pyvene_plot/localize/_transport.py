@@ -26,7 +26,6 @@ or a uniform plan on a non-constant cost raise :class:`~pyvene_plot.errors.Trans
 naming ε and the cost scale. Convergence (iterations, marginal errors) is recorded on every plan.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +38,6 @@ import ot
 from ..errors import TransportError
 
 logger = logging.getLogger(__name__)
-
 
 
 METHODS = ("ot", "uot", "gw", "fgw", "cosine", "bruteforce")
@@ -202,47 +200,16 @@ def solve_transport(
     underflow = float(np.mean(C - C.min(1, keepdims=True) > 700.0 * eps))
     row_target: np.ndarray | None = a
     col_target: np.ndarray | None = None
+    beta_used = None
     if method == "ot":
         P, n_iter, converged = _ot_continuation(a, b, C, eps, max_iter, tol)
-        beta_used = None
         col_target = b
     elif method == "uot":
-        if beta is None or not np.isfinite(beta) or beta <= 0:
-            raise TransportError(f"uot needs a positive beta (marginal relaxation), got {beta!r}")
-        if sided not in ("one", "two"):
-            raise TransportError(f"sided must be 'one' or 'two', got {sided!r}")
-        beta_used = float(beta)
-        if sided == "one":
-            reg_m = (float("inf"), beta_used)
-            Cw = C - C.min(1, keepdims=True)  # exact invariance with exact row marginals
-        else:
-            reg_m = (beta_used, beta_used)
-            Cw = C - C.min()
+        P, n_iter, converged, beta_used, relaxed_rows = _solve_uot(a, b, C, eps, beta, sided, max_iter, tol)
+        if relaxed_rows:
             row_target = None
-        P, n_iter, converged = _uot_continuation(a, b, Cw, eps, reg_m, max_iter, tol)
     elif method in ("gw", "fgw"):
-        if A_sig is None or N_sig is None:
-            raise TransportError(f"{method} needs the abstract and neural signatures")
-        C1, C2 = intra_geometry(A_sig), intra_geometry(N_sig)
-        # The product plan a bᵀ is a stationary point of (entropic) GW for symmetric geometries, so a
-        # uniform start can stay there; start from the feature-cost OT plan instead (POT's G0).
-        Cn = C / C.max() if C.max() > 0 else C
-        G0 = ot.bregman.sinkhorn_log(a, b, Cn, reg=max(eps, 0.05), numItermax=max_iter, stopThr=tol)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if method == "gw":
-                P, log = ot.gromov.entropic_gromov_wasserstein(
-                    C1, C2, a, b, loss_fun="square_loss", epsilon=eps, max_iter=max_iter, tol=tol, log=True, G0=G0,
-                )
-            else:
-                M = C / C.max() if C.max() > 0 else C
-                P, log = ot.gromov.entropic_fused_gromov_wasserstein(
-                    M, C1, C2, a, b, loss_fun="square_loss", epsilon=eps, alpha=alpha, max_iter=max_iter,
-                    tol=tol, log=True, G0=G0,
-                )
-        n_iter = len(log.get("err", [])) * 10
-        converged = not any("did not converge" in str(w.message) for w in caught)
-        beta_used = None
+        P, n_iter, converged = _solve_gw(method, a, b, C, eps, A_sig, N_sig, alpha, max_iter, tol)
         col_target = b
     elif method == "cosine":
         if A_sig is None or N_sig is None:
@@ -250,12 +217,10 @@ def solve_transport(
         An = A_sig / np.maximum(np.linalg.norm(A_sig, axis=1, keepdims=True), 1e-12)
         Nn = N_sig / np.maximum(np.linalg.norm(N_sig, axis=1, keepdims=True), 1e-12)
         P = row_softmax(An @ Nn.T, eps) / V
-        beta_used = None
     else:  # bruteforce
         if scores is None:
             raise TransportError("bruteforce needs per-site scores")
         P = row_softmax(np.asarray(scores, dtype=np.float64), eps) / V
-        beta_used = None
     P = np.asarray(P, dtype=np.float64)
     if method in ("cosine", "bruteforce"):
         _check_plan(P, -np.asarray(scores if method == "bruteforce" else P), method, eps, a)
@@ -275,6 +240,53 @@ def solve_transport(
         underflow_fraction=underflow,
     )
 
+
+def _solve_uot(a: np.ndarray, b: np.ndarray, C: np.ndarray, eps: float, beta: float | None, sided: str,
+               max_iter: int, tol: float) -> tuple[np.ndarray, int, bool, float, bool]:
+    """Unbalanced OT (KL relaxation ``beta``) of the sites' marginal (``sided="one"``) or of both.
+
+    Returns the plan (V, S), iterations, convergence, the β used and whether the rows were relaxed too.
+    """
+    if beta is None or not np.isfinite(beta) or beta <= 0:
+        raise TransportError(f"uot needs a positive beta (marginal relaxation), got {beta!r}")
+    if sided not in ("one", "two"):
+        raise TransportError(f"sided must be 'one' or 'two', got {sided!r}")
+    beta_used = float(beta)
+    if sided == "one":
+        reg_m = (float("inf"), beta_used)
+        Cw = C - C.min(1, keepdims=True)  # exact invariance with exact row marginals
+    else:
+        reg_m = (beta_used, beta_used)
+        Cw = C - C.min()
+    P, n_iter, converged = _uot_continuation(a, b, Cw, eps, reg_m, max_iter, tol)
+    return P, n_iter, converged, beta_used, sided == "two"
+
+
+def _solve_gw(method: str, a: np.ndarray, b: np.ndarray, C: np.ndarray, eps: float, A_sig: np.ndarray | None,
+              N_sig: np.ndarray | None, alpha: float, max_iter: int, tol: float) -> tuple[np.ndarray, int, bool]:
+    """Entropic (fused) Gromov-Wasserstein between the signatures' intra-geometries; returns (plan, iterations, converged)."""
+    if A_sig is None or N_sig is None:
+        raise TransportError(f"{method} needs the abstract and neural signatures")
+    C1, C2 = intra_geometry(A_sig), intra_geometry(N_sig)
+    # The product plan a bᵀ is a stationary point of (entropic) GW for symmetric geometries, so a
+    # uniform start can stay there; start from the feature-cost OT plan instead (POT's G0).
+    Cn = C / C.max() if C.max() > 0 else C
+    G0 = ot.bregman.sinkhorn_log(a, b, Cn, reg=max(eps, 0.05), numItermax=max_iter, stopThr=tol)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if method == "gw":
+            P, log = ot.gromov.entropic_gromov_wasserstein(
+                C1, C2, a, b, loss_fun="square_loss", epsilon=eps, max_iter=max_iter, tol=tol, log=True, G0=G0,
+            )
+        else:
+            M = C / C.max() if C.max() > 0 else C
+            P, log = ot.gromov.entropic_fused_gromov_wasserstein(
+                M, C1, C2, a, b, loss_fun="square_loss", epsilon=eps, alpha=alpha, max_iter=max_iter,
+                tol=tol, log=True, G0=G0,
+            )
+    n_iter = len(log.get("err", [])) * 10
+    converged = not any("did not converge" in str(w.message) for w in caught)
+    return P, n_iter, converged
 
 def _ot_continuation(
     a: np.ndarray, b: np.ndarray, C: np.ndarray, eps: float, max_iter: int, tol: float, factor: float = 2.0

@@ -20,33 +20,25 @@ signatures. Linearisation fails where the model saturates, so screening keeps a 
 sites per variable and the benchmark reports how often the exactly chosen site survives.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyvene as pv
 import torch
 from pyvene.models.modeling_utils import get_module_hook
 
-from ..data import PairBank
-
-from ..data import inputs_len
-from ..data import sequence_length, as_model_kwargs
-from ..models import model_device
+from ..data import PairBank, as_model_kwargs, inputs_len, sequence_length
 from ..errors import BankError, SiteError
-from ..models import Readout
-from ..models import Site, resolve_positions
-from ..models import model_spec, validate_sites
+from ..models import Readout, Site, model_device, model_spec, resolve_positions, validate_sites
 from ..progressive import ScreenResult, register_screener
 
 logger = logging.getLogger(__name__)
-
-
 
 
 @dataclasses.dataclass
@@ -128,6 +120,62 @@ def attribution_scores(
     variables = list(variables) if variables is not None else list(bank.variables)
     readout = readout or getattr(bank, "readout", None) or Readout()
     validate_sites(model, sites, {k: int(np.asarray(v).shape[0]) for k, v in (bases or {}).items()})
+    ctx = _context(model, sites, bank, variables, readout, bases)
+    kw_b, kw_s = as_model_kwargs(bank.base), as_model_kwargs(bank.source)
+    n = inputs_len(kw_b)
+    est = np.zeros((len(variables), len(sites), n))
+    params = [p for p in model.parameters()]
+    was = [p.requires_grad for p in params]
+    handles = [ctx.mods[k].register_forward_hook(_grab(ctx.captured, k)) for k in ctx.mods]
+    n_backward = 0
+    try:
+        for p in params:  # a graph from the inputs to every site; weight gradients are never computed
+            p.requires_grad_(True)
+        for s0 in range(0, n, batch_size):
+            pb = {k: v[s0 : s0 + batch_size].to(ctx.device) for k, v in kw_b.items()}
+            ps = {k: v[s0 : s0 + batch_size].to(ctx.device) for k, v in kw_s.items()}
+            n_backward += _attribute_batch(ctx, pb, ps, s0, est)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+        ctx.captured.clear()
+    scores = np.zeros((len(variables), len(sites)))
+    for vi, v in enumerate(variables):
+        ch = bank.changed(v).numpy()
+        scores[vi] = est[vi][:, ch].mean(1) if ch.any() else est[vi].mean(1)
+    rt = time.perf_counter() - t0
+    logger.info("attribution patching: %d sites x %d pairs, %d backward passes in %.2fs", len(sites), n, n_backward, rt)
+    return AttributionScores(sites, variables, scores, est, rt, n_backward)
+
+
+# ---------------------------------------------------------------------------------------- steps
+@dataclasses.dataclass
+class _Context:
+    """What every batch of :func:`attribution_scores` reads: the model's hooks and the sites' geometry.
+
+    ``raw`` lists the distinct (layer, component, position) of the sites, ``mods`` the hooked module
+    per (layer, component), ``projectors`` each span basis (r, d) on the model's device, and
+    ``captured`` the module outputs of the last forward pass.
+    """
+
+    model: torch.nn.Module
+    sites: list[Site]
+    bank: PairBank
+    variables: list[str]
+    readout: Readout
+    spec: Any
+    device: torch.device
+    raw: list[tuple]
+    mods: dict[tuple, torch.nn.Module]
+    projectors: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+    captured: dict[tuple, torch.Tensor]
+
+
+def _context(model, sites, bank, variables, readout, bases) -> _Context:
+    """Resolve the hooked modules, the sites' raw units and span projectors."""
     spec = model_spec(model)
     device = model_device(model)
     raw = list(dict.fromkeys((s.layer, s.component, s.position) for s in sites))
@@ -137,102 +185,85 @@ def attribution_scores(
         if s.basis is not None and s.basis not in projectors:
             V = torch.as_tensor(np.asarray((bases or {})[s.basis]), dtype=torch.float32, device=device)
             projectors[s.basis] = V
-    kw_b, kw_s = as_model_kwargs(bank.base), as_model_kwargs(bank.source)
-    n = inputs_len(kw_b)
     labels = {v: bank.labels(v) for v in variables}
-    est = np.zeros((len(variables), len(sites), n))
-    captured: dict[tuple, torch.Tensor] = {}
+    return _Context(model, sites, bank, variables, readout, spec, device, raw, mods, projectors, labels, {})
 
-    def grab(key):
-        def hook(_m, _i, out):
-            captured[key] = out[0] if isinstance(out, tuple) else out
-        return hook
 
-    def gather(part, h, pos_of):
-        """Rows of ``h`` at each position's per-example index: ``{position: (B, d)}``."""
-        b = inputs_len(part)
-        if spec.has_positions and h.dim() >= 3:
-            return {p: h[torch.arange(b, device=h.device), torch.as_tensor(pos_of[p], device=h.device)] for p in pos_of}
-        return {p: h.reshape(b, -1) for p in pos_of}
+def _grab(captured: dict, key: tuple):
+    """Forward hook storing a module's output (first element of a tuple output) under ``key``."""
+    def hook(_m, _i, out):
+        captured[key] = out[0] if isinstance(out, tuple) else out
+    return hook
 
-    params = [p for p in model.parameters()]
-    was = [p.requires_grad for p in params]
-    handles = [mods[k].register_forward_hook(grab(k)) for k in mods]
+
+def _gather(ctx: _Context, part: dict, h: torch.Tensor, pos_of: dict) -> dict:
+    """Rows of ``h`` at each position's per-example index: ``{position: (B, d)}``."""
+    b = inputs_len(part)
+    if ctx.spec.has_positions and h.dim() >= 3:
+        return {p: h[torch.arange(b, device=h.device), torch.as_tensor(pos_of[p], device=h.device)] for p in pos_of}
+    return {p: h.reshape(b, -1) for p in pos_of}
+
+
+def _at_unit(ctx: _Context, part: dict, per_module: dict, positions: dict) -> dict:
+    """``{(layer, component, position): (B, d)}`` from the captured module outputs ``per_module``."""
+    out = {}
+    for (l, c), h in per_module.items():
+        pos = {p: positions[p] for (ll, cc, p) in ctx.raw if (ll, cc) == (l, c)}
+        for p, a in _gather(ctx, part, h, pos).items():
+            out[(l, c, p)] = a
+    return out
+
+
+def _attribute_batch(ctx: _Context, pb: dict, ps: dict, s0: int, est: np.ndarray) -> int:
+    """Fill ``est[:, :, s0 : s0 + B]`` for one batch; returns the number of backward passes run."""
+    spec, raw = ctx.spec, ctx.raw
+    b = inputs_len(pb)
+    seq_b, seq_s = (sequence_length(pb), sequence_length(ps)) if spec.has_positions else (1, 1)
+    pos_b = {p: resolve_positions(p, pb, seq_b, b) if spec.has_positions else [0] * b for (_l, _c, p) in raw}
+    pos_s = {p: resolve_positions(p, ps, seq_s, b) if spec.has_positions else [0] * b for (_l, _c, p) in raw}
+    with torch.no_grad():
+        ctx.captured.clear()
+        ctx.model(**ps)
+        src = {k: a.detach() for k, a in _at_unit(ctx, ps, {k: ctx.captured[k] for k in ctx.mods}, pos_s).items()}
+    ctx.captured.clear()
     n_backward = 0
-    try:
-        for p in params:  # a graph from the inputs to every site; weight gradients are never computed
-            p.requires_grad_(True)
-        for s0 in range(0, n, batch_size):
-            pb = {k: v[s0 : s0 + batch_size].to(device) for k, v in kw_b.items()}
-            ps = {k: v[s0 : s0 + batch_size].to(device) for k, v in kw_s.items()}
-            b = inputs_len(pb)
-            seq_b, seq_s = (sequence_length(pb), sequence_length(ps)) if spec.has_positions else (1, 1)
-            pos_b = {p: resolve_positions(p, pb, seq_b, b) if spec.has_positions else [0] * b for (_l, _c, p) in raw}
-            pos_s = {p: resolve_positions(p, ps, seq_s, b) if spec.has_positions else [0] * b for (_l, _c, p) in raw}
-            with torch.no_grad():
-                captured.clear()
-                model(**ps)
-                src = {}
-                for (l, c) in mods:
-                    ps_pos = {p: pos_s[p] for (ll, cc, p) in raw if (ll, cc) == (l, c)}
-                    for p, a in gather(ps, captured[(l, c)], ps_pos).items():
-                        src[(l, c, p)] = a.detach()
-            captured.clear()
-            with torch.enable_grad():
-                z = readout(model(**pb), pb).float()
-                full = {k: captured[k] for k in mods}  # module outputs the readout depends on
-                if not torch.isfinite(z).all():
-                    raise SiteError("non-finite logits on the base run; check the model and inputs")
-                keys = list(full)
-                bad = [k for k in keys if not full[k].requires_grad]
-                if bad:
-                    raise SiteError(f"no gradient path from the output to (layer, component) {bad}; "
-                                    "attribution patching needs differentiable sites")
-                base_acts = {}
-                for (l, c) in keys:
-                    pb_pos = {p: pos_b[p] for (ll, cc, p) in raw if (ll, cc) == (l, c)}
-                    for p, a in gather(pb, full[(l, c)].detach(), pb_pos).items():
-                        base_acts[(l, c, p)] = a
-                base_lab = bank.base_labels[s0 : s0 + b].to(z.device)
-                rows = torch.arange(b, device=z.device)
-                for vi, v in enumerate(variables):
-                    cf = labels[v][s0 : s0 + b].to(z.device)
-                    margin = (z[rows, cf] - z[rows, base_lab]).sum()
-                    grads = torch.autograd.grad(margin, [full[k] for k in keys], retain_graph=vi < len(variables) - 1,
-                                                allow_unused=True)
-                    n_backward += 1
-                    g_at = {}
-                    for k, g in zip(keys, grads):
-                        if g is None:
-                            g = torch.zeros_like(full[k])
-                        pb_pos = {p: pos_b[p] for (ll, cc, p) in raw if (ll, cc) == k}
-                        for p, gp in gather(pb, g, pb_pos).items():
-                            g_at[(*k, p)] = gp
-                    for si, s in enumerate(sites):
-                        ru = (s.layer, s.component, s.position)
-                        g, diff = g_at[ru], src[ru] - base_acts[ru]
-                        if s.basis is not None:
-                            V = projectors[s.basis][list(s.dims)]  # (k, d)
-                            val = ((g @ V.T) * (diff @ V.T)).sum(-1)
-                        elif s.dims is not None:
-                            d = list(s.dims)
-                            val = (g[:, d] * diff[:, d]).sum(-1)
-                        else:
-                            val = (g * diff).sum(-1)
-                        est[vi, si, s0 : s0 + b] = val.double().cpu().numpy()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
-        captured.clear()
-    scores = np.zeros((len(variables), len(sites)))
-    for vi, v in enumerate(variables):
-        ch = bank.changed(v).numpy()
-        scores[vi] = est[vi][:, ch].mean(1) if ch.any() else est[vi].mean(1)
-    rt = time.perf_counter() - t0
-    logger.info("attribution patching: %d sites x %d pairs, %d backward passes in %.2fs", len(sites), n, n_backward, rt)
-    return AttributionScores(sites, variables, scores, est, rt, n_backward)
+    with torch.enable_grad():
+        z = ctx.readout(ctx.model(**pb), pb).float()
+        full = {k: ctx.captured[k] for k in ctx.mods}  # module outputs the readout depends on
+        if not torch.isfinite(z).all():
+            raise SiteError("non-finite logits on the base run; check the model and inputs")
+        keys = list(full)
+        bad = [k for k in keys if not full[k].requires_grad]
+        if bad:
+            raise SiteError(f"no gradient path from the output to (layer, component) {bad}; "
+                            "attribution patching needs differentiable sites")
+        base_acts = _at_unit(ctx, pb, {k: full[k].detach() for k in keys}, pos_b)
+        base_lab = ctx.bank.base_labels[s0 : s0 + b].to(z.device)
+        rows = torch.arange(b, device=z.device)
+        for vi, v in enumerate(ctx.variables):
+            cf = ctx.labels[v][s0 : s0 + b].to(z.device)
+            margin = (z[rows, cf] - z[rows, base_lab]).sum()
+            grads = torch.autograd.grad(margin, [full[k] for k in keys], retain_graph=vi < len(ctx.variables) - 1,
+                                        allow_unused=True)
+            n_backward += 1
+            g_full = {k: (torch.zeros_like(full[k]) if g is None else g) for k, g in zip(keys, grads)}
+            g_at = _at_unit(ctx, pb, g_full, pos_b)
+            for si, s in enumerate(ctx.sites):
+                est[vi, si, s0 : s0 + b] = _site_estimate(ctx, s, g_at, src, base_acts).double().cpu().numpy()
+    return n_backward
+
+
+def _site_estimate(ctx: _Context, s: Site, g_at: dict, src: dict, base_acts: dict) -> torch.Tensor:
+    """First-order margin change ``∇h m · (h' - h)`` restricted to the site's coordinates or span, (B,)."""
+    ru = (s.layer, s.component, s.position)
+    g, diff = g_at[ru], src[ru] - base_acts[ru]
+    if s.basis is not None:
+        V = ctx.projectors[s.basis][list(s.dims)]  # (k, d)
+        return ((g @ V.T) * (diff @ V.T)).sum(-1)
+    if s.dims is not None:
+        d = list(s.dims)
+        return (g[:, d] * diff[:, d]).sum(-1)
+    return (g * diff).sum(-1)
 
 
 #: default share of each variable's candidates an attribution screen keeps (at least ``ATTRIBUTION_MIN_KEEP``)

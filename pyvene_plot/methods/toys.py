@@ -17,7 +17,6 @@ Every trainer takes a ``seed`` and uses a local :class:`torch.Generator`, so the
 left untouched and the same seed always gives the same model.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +32,6 @@ from torch import nn
 from ..errors import PlotError
 
 logger = logging.getLogger(__name__)
-
-
 
 
 class TiedAutoencoder(nn.Module):

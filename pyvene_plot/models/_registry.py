@@ -1,8 +1,13 @@
-"""Registry."""
+"""Which architectures pyvene can hook, and how: :func:`register_model` and :func:`model_spec`.
 
+pyvene 0.1.8 only hooks model classes in its type-to-module mappings; :func:`register_model` adds a
+class (a user's own module, or an adapter such as the step-wise GRU), and :func:`model_spec` describes
+a model (layers, component widths, whether inputs have a token axis) for site validation.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -14,14 +19,9 @@ from ..errors import ModelError, SiteError
 
 logger = logging.getLogger(__name__)
 
-import dataclasses
-
-
-
-
-
 
 def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover

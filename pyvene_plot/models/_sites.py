@@ -10,7 +10,6 @@ non-padding token (read from ``attention_mask``), ``0`` the first. Models withou
 (pyvene's MLP) have a single position, reachable as ``0`` or ``-1``.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +22,27 @@ from ..errors import SiteError
 from ._registry import ModelSpec, model_spec
 
 
+def format_dims(dims: Sequence[int] | None) -> str:
+    """Coordinates as a label suffix: ``""`` (whole vector), ``[3]``, ``[0:16]`` or runs ``[0:128,192:576]``."""
+    if dims is None:
+        return ""
+    dims = tuple(int(x) for x in dims)
+    runs, start = [], dims[0]
+    for prev, cur in zip(dims, dims[1:] + (None,)):
+        if cur != prev + 1:
+            runs.append(str(start) if prev == start else f"{start}:{prev + 1}")
+            start = cur
+    return f"[{','.join(runs)}]"
+
+
+def site_label(layer: int, component: str, position: int | None, dims: Sequence[int] | None = None,
+               basis_tag: str = "") -> str:
+    """The one label format of a site: ``L{layer}.{component}@{position}{basis_tag}{dims}``.
+
+    Used by :attr:`Site.label` and by DAS specs, so a site prints the same everywhere.
+    """
+    pos = "" if position is None else f"@{position}"
+    return f"L{layer}.{component}{pos}{basis_tag}{format_dims(dims)}"
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -76,17 +96,9 @@ class Site:
 
     @property
     def label(self) -> str:
-        pos = "" if self.position is None else f"@{self.position}"
-        if self.dims is None:
-            d = ""
-        elif len(self.dims) == 1:
-            d = f"[{self.dims[0]}]"
-        elif self.dims == tuple(range(self.dims[0], self.dims[-1] + 1)):
-            d = f"[{self.dims[0]}:{self.dims[-1] + 1}]"
-        else:
-            d = f"[{','.join(map(str, self.dims))}]"
+        """``L3.block_output@-1[0:16]``; see :func:`site_label`."""
         b = f"{{{self.basis}}}" if self.basis else ""
-        return f"L{self.layer}.{self.component}{pos}{b}{d}"
+        return site_label(self.layer, self.component, self.position, self.dims, b)
 
     def __str__(self) -> str:
         return self.label

@@ -20,7 +20,6 @@ component           hooked tensor
 Use :func:`steppable_gru` to convert a trained pyvene GRU.
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -36,8 +35,6 @@ from pyvene.models.gru.modelings_gru import (
 
 from ..errors import ModelError
 from ._registry import register_model
-
-
 
 
 def _n_steps(config: GRUConfig) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._localization import Localization
 from ._scheduler import ProgressiveScheduler
-from ._stages import STAGE_KINDS, Stage, COARSE_KINDS, default_sizes
+from ._stages import COARSE_KINDS, STAGE_KINDS, Stage, default_sizes
 
 __all__ = ['Localization', 'ProgressiveScheduler', 'STAGE_KINDS', 'Stage', 'COARSE_KINDS', 'default_sizes']
 from .screening import ScreenResult, get_screener, register_screener, screener_names

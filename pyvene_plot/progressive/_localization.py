@@ -1,29 +1,30 @@
-"""Localization."""
-
+"""What a progressive schedule returns: :class:`Localization` (per-stage results, kept sites, bases,
+screening reports), its DAS menu (:meth:`Localization.das_specs`) and its JSON round trip."""
 
 from __future__ import annotations
 
+import logging as _logging
+from collections.abc import Mapping as _Mapping
+from collections.abc import Sequence as _Sequence
+from pathlib import Path
 
+import numpy as _np
+import torch
 
-
-# ---------------------------------------------------------------------------------------- scheduler
-import logging as _logging  # noqa: E402
-from collections.abc import Sequence as _Sequence  # noqa: E402
-
-import numpy as _np  # noqa: E402
-
-from ..data import PairBank  # noqa: E402
-from ..localize import AlignmentResult  # noqa: E402
-from ..models import Site
-from ..models import model_spec  # noqa: E402
-from .._utils import atomic_write_json  # noqa: E402
+from .._utils import atomic_write_json, load_json_as, require_keys, writer_tag
+from ..data import PairBank
+from ..errors import PlotError
+from ..localize import AlignmentResult
+from ..models import Site, model_spec
 from ._stages import Stage, default_sizes
 
 _log = _logging.getLogger(__name__)
 
-
-
-
+#: layout of the JSON written by :meth:`Localization.to_json`
+FORMAT_VERSION = 1
+#: keys :meth:`Localization.from_dict` cannot do without
+_REQUIRED_KEYS = ("kind", "format_version", "variables", "stages", "results", "kept", "kept_reason", "runtime_s",
+                  "pca_runtime_s", "pca_info", "candidates", "bases", "screens")
 
 
 class Localization:
@@ -148,29 +149,90 @@ class Localization:
         return specs
 
     def to_dict(self) -> dict:
+        """A JSON-ready dict (read back by :meth:`from_dict`)."""
         return {
+            "kind": "Localization",
+            "format_version": FORMAT_VERSION,
+            "writer": writer_tag(),
+            "variables": self.variables,
             "stages": [s.to_dict() for s in self.stage_specs],
             "results": [r.to_dict() for r in self.stages],
-            "kept": [{v: [s.to_dict() for s in ks] for v, ks in k.items()} for k in self.kept],
+            "kept": [_sites_by_variable(k) for k in self.kept],
             "kept_reason": self.kept_reason,
             "runtime_s": self.runtime_s,
             "stage_runtime_s": [r.runtime_s for r in self.stages],
             "pca_runtime_s": self.extra_s,
             "pca_info": self.pca_info,
             "n_candidates": [{v: len(c) for v, c in cs.items()} for cs in self.candidates],
+            "candidates": [_sites_by_variable(cs) for cs in self.candidates],
+            "bases": {k: _np.asarray(v).tolist() for k, v in self.bases.items()},
             "screens": self.screens,
         }
 
-    def to_json(self, path) -> object:
+    def to_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` atomically as JSON (read back by :meth:`from_json`)."""
         return atomic_write_json(path, self.to_dict())
 
-    def plot(self, folder) -> list:
-        """One coupling heatmap per stage (``stage{i}_{kind}.png``); returns the paths."""
-        from pathlib import Path
+    @classmethod
+    def from_dict(cls, d: _Mapping, model: torch.nn.Module | None = None) -> "Localization":
+        """Inverse of :meth:`to_dict`; with ``model`` every stage's handles come back runnable.
 
+        Raises
+        ------
+        PlotError
+            On a missing field, another kind of object or an unsupported ``format_version``.
+        """
+        require_keys(d, _REQUIRED_KEYS, "Localization")
+        if d["kind"] != "Localization":
+            raise PlotError(f"not a Localization (kind={d['kind']!r})")
+        if d["format_version"] != FORMAT_VERSION:
+            raise PlotError(f"unsupported Localization format_version {d['format_version']!r}; "
+                            f"this version reads {FORMAT_VERSION}")
+        results = [AlignmentResult.from_dict(r, model=model) for r in d["results"]]
+        try:
+            stage_specs = [Stage.from_dict(s) for s in d["stages"]]
+            kept = [_sites_from_dicts(k) for k in d["kept"]]
+            candidates = [_sites_from_dicts(c) for c in d["candidates"]]
+            bases = {k: _np.asarray(v, dtype=_np.float32) for k, v in d["bases"].items()}
+            kept_reason = [{v: list(r) for v, r in k.items()} for k in d["kept_reason"]]
+            extra_s = [float(x) for x in d["pca_runtime_s"]]
+        except KeyError as exc:
+            raise PlotError(f"Localization is incomplete: a stage or site lacks {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise PlotError(f"Localization is malformed: {exc}") from None
+        n = len(results)
+        lengths = {"stages": len(stage_specs), "kept": len(kept), "kept_reason": len(kept_reason),
+                   "pca_runtime_s": len(extra_s), "screens": len(d["screens"])}
+        short = {k: m for k, m in lengths.items() if m != n}
+        if short:
+            raise PlotError(f"Localization is incomplete: {n} stage results but {short} entries")
+        return cls(model, [str(v) for v in d["variables"]], results, kept, kept_reason, bases, float(d["runtime_s"]),
+                   stage_specs, extra_s, candidates=candidates, pca_info=dict(d["pca_info"]),
+                   screens=list(d["screens"]))
+
+    @classmethod
+    def from_json(cls, path: str | Path, model: torch.nn.Module | None = None) -> "Localization":
+        """Inverse of :meth:`to_json`; ``model`` makes every stage's handles runnable.
+
+        An empty, truncated or incomplete file raises :class:`PlotError` naming the file and the gap.
+        """
+        return load_json_as(cls, path, model=model)
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """One coupling heatmap per stage (``stage{i}_{kind}.png``); returns the paths."""
         out = []
         for i, (st, r) in enumerate(zip(self.stage_specs, self.stages)):
             p = Path(folder) / f"stage{i}_{st.kind}.png"
             r.plot(p)
             out.append(p)
         return out
+
+
+def _sites_by_variable(sites: _Mapping[str, _Sequence[Site]]) -> dict[str, list[dict]]:
+    """``variable -> list of Site`` as JSON-ready dicts."""
+    return {v: [s.to_dict() for s in ks] for v, ks in sites.items()}
+
+
+def _sites_from_dicts(d: _Mapping[str, _Sequence[_Mapping]]) -> dict[str, list[Site]]:
+    """Inverse of :func:`_sites_by_variable`."""
+    return {str(v): [Site.from_dict(s) for s in ks] for v, ks in d.items()}

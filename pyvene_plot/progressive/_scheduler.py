@@ -1,68 +1,98 @@
-"""Progressive localisation: coarse-to-fine stages of OT alignment (layers -> positions -> coordinates / PCA)."""
+"""The progressive scheduler: OT alignment stages from coarse to fine (layers -> positions -> coordinates / PCA / LIB).
 
+:class:`ProgressiveScheduler` runs one :class:`~pyvene_plot.localize.OTAlignmentSearcher` fit per
+:class:`Stage`. Each stage proposes candidate sites inside what the previous stage kept for each
+variable (:meth:`ProgressiveScheduler._candidates`), optionally screens them
+(:mod:`pyvene_plot.progressive.screening`), fits the coupling, and keeps the calibrated handle's
+sites for the next stage. The stages' results are collected in a :class:`Localization`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging as _logging
+import time as _time
+from collections.abc import Mapping as _Mapping
+from collections.abc import Sequence as _Sequence
+from typing import Any
 
-from ..errors import PlotError
+import numpy as _np
+import torch as _torch
 
-
-# ---------------------------------------------------------------------------------------- scheduler
-import logging as _logging  # noqa: E402
-import time as _time  # noqa: E402
-from collections.abc import Mapping as _Mapping, Sequence as _Sequence  # noqa: E402
-
-import numpy as _np  # noqa: E402
-import torch as _torch  # noqa: E402
-
-from ..data import PairBank  # noqa: E402
-from ..localize import InterchangeEngine
-from ..errors import SiteError  # noqa: E402
-from ..localize import AlignmentResult  # noqa: E402
-from ..models import Site, coordinate_sites
-from ..models import model_spec  # noqa: E402
+from .._params import ParamsMixin
+from ..data import PairBank, min_real_length
+from ..errors import PlotError, SiteError
+from ..localize import AlignmentResult, OTAlignmentSearcher
+from ..methods.bases import fit_pca_basis, site_activations
+from ..models import Site, coordinate_sites, model_spec
+from ._localization import Localization
+from ._stages import COARSE_KINDS, Stage
+from .screening import get_screener
 
 _log = _logging.getLogger(__name__)
 
-
-from ..methods.bases import fit_pca_basis  # noqa: E402  (re-exported here; lives with the other basis builders
-from ._stages import COARSE_KINDS, Stage
-from ._localization import Localization
-from .screening import get_screener
-from ..data import min_real_length
+#: stage kinds a schedule may start with
+FIRST_STAGE_KINDS = ("layer", "position", "coordinates", "pca", "lib")
 
 
+@dataclasses.dataclass
+class _RunState:
+    """What :meth:`ProgressiveScheduler.run` accumulates stage by stage (one entry per stage in each list)."""
+
+    results: list = dataclasses.field(default_factory=list)
+    kept_all: list = dataclasses.field(default_factory=list)
+    reasons_all: list = dataclasses.field(default_factory=list)
+    extra: list = dataclasses.field(default_factory=list)
+    cands_all: list = dataclasses.field(default_factory=list)
+    screens: list = dataclasses.field(default_factory=list)
+    bases: dict = dataclasses.field(default_factory=dict)
+    pca_info: dict = dataclasses.field(default_factory=dict)
+    kept: dict | None = None
 
 
-class ProgressiveScheduler:
+class ProgressiveScheduler(ParamsMixin):
     """Run OT alignment stages from coarse to fine, narrowing the candidates per variable.
 
     Parameters
     ----------
     stages : list of Stage
-    searcher : OTAlignmentSearcher
+        Stored as given (a dict is turned into a :class:`Stage` when the schedule runs).
+    searcher : OTAlignmentSearcher, optional
         Used for every stage (cloned per stage with the stage's method). Coarse stages (``layer``,
-        ``position``) default to one-sided ``"uot"`` unless the stage sets ``method``.
+        ``position``) default to one-sided ``"uot"`` unless the stage sets ``method``. Default:
+        ``OTAlignmentSearcher()``.
     keep : int, default 1
         Sites kept per variable after each stage (overridden by ``Stage.keep``). Kept sites are
         the calibrated handle's sites by weight; if the handle has fewer, the remaining slots are
         filled from the coupling ranking (recorded as a fallback).
     """
 
-    def __init__(self, stages: _Sequence[Stage], searcher=None, keep: int = 1) -> None:
-        from ..localize import OTAlignmentSearcher
+    def __init__(self, stages: _Sequence[Stage], searcher: OTAlignmentSearcher | None = None, keep: int = 1) -> None:
+        self.stages = stages
+        self.searcher = searcher
+        self.keep = keep
+        self._validate()
 
-        if not stages:
+    # ------------------------------------------------------------------------------------ params
+    # get_params / set_params: ParamsMixin (derived from the __init__ signature)
+    def _validate(self) -> None:
+        stages = self._stage_list()
+        if int(self.keep) < 1:
+            raise PlotError(f"keep must be >= 1 (sites kept per variable), got {self.keep}")
+        if stages[0].kind not in FIRST_STAGE_KINDS:
+            raise PlotError(f"unknown first stage {stages[0].kind!r}")
+
+    def _stage_list(self) -> list[Stage]:
+        """The stages as :class:`Stage` objects (dicts converted)."""
+        if not self.stages:
             raise PlotError("a schedule needs at least one stage")
-        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
-        if int(keep) < 1:
-            raise PlotError(f"keep must be >= 1 (sites kept per variable), got {keep}")
-        self.keep = int(keep)
-        self.searcher = searcher if searcher is not None else OTAlignmentSearcher()
-        for i, st in enumerate(self.stages):
-            if i == 0 and st.kind not in ("layer", "position", "coordinates", "pca", "lib"):
-                raise PlotError(f"unknown first stage {st.kind!r}")
+        return [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
 
+    def _searcher(self) -> OTAlignmentSearcher:
+        """The searcher every stage clones (a default one when none was given)."""
+        return self.searcher if self.searcher is not None else OTAlignmentSearcher()
+
+    # ------------------------------------------------------------------------------------ run
     def run(
         self,
         model: _torch.nn.Module,
@@ -70,68 +100,73 @@ class ProgressiveScheduler:
         calibration_bank: PairBank,
         variables: _Sequence[str] | None = None,
     ) -> Localization:
-        """Run every stage; each stage's candidates for a variable lie inside what the previous stage kept."""
+        """Run every stage; each stage's candidates for a variable lie inside what the previous stage kept.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+        fit_bank, calibration_bank : PairBank
+            Signatures (and PCA / LIB bases, screening) on the fit bank; every selection on the
+            calibration bank.
+        variables : list of str, optional
+            Default: every variable of the fit bank.
+
+        Returns
+        -------
+        Localization
+        """
         t0 = _time.perf_counter()
         variables = list(variables) if variables is not None else list(fit_bank.variables)
         spec = model_spec(model)
-        for st in self.stages:
-            if st.kind == "position" and not spec.has_positions:
-                raise PlotError(
-                    f"stage kind 'position' needs a model with token positions; {spec.model_type.__name__} has none "
-                    "(use 'layer' then 'coordinates' or 'pca')"
-                )
-        results, kept_all, reasons_all, extra, cands_all, screens = [], [], [], [], [], []
-        bases: dict[str, _np.ndarray] = {}
-        self._pca_info: dict[str, dict] = {}
-        kept: dict[str, list[Site]] | None = None
-        for i, st in enumerate(self.stages):
-            t_extra = _time.perf_counter()
-            cands, allowed, stage_bases = self._candidates(st, model, spec, fit_bank, kept, variables)
-            bases.update(stage_bases)
-            screen_info = None
-            if st.screen is not None:
-                cands, allowed, screen_info = self._screen(st, model, cands, allowed, fit_bank, bases, variables)
-            screens.append(screen_info)
-            cands_all.append({v: [cands[j] for j in allowed[v]] for v in variables})
-            extra.append(_time.perf_counter() - t_extra if st.kind in ("pca", "lib") else 0.0)
-            method = st.method or ("uot" if st.kind in COARSE_KINDS else self.searcher.method)
-            overrides = {"method": method}
-            if st.kind in COARSE_KINDS:
-                overrides.update(top_k=(1,), lambdas=(1.0,))
-            if st.top_k is not None:
-                overrides["top_k"] = tuple(st.top_k)
-            if st.lambdas is not None:
-                overrides["lambdas"] = tuple(st.lambdas)
-            searcher = self.searcher.clone(**overrides)
-            if searcher.top_k is not None:
-                n_support = min(len(a) for a in allowed.values())
-                ks = (searcher.top_k,) if _np.isscalar(searcher.top_k) else tuple(searcher.top_k)
-                searcher.top_k = tuple(k for k in ks if k <= n_support) or (1,)
-            _log.info("stage %d (%s): %d candidate sites, method %s", i, st.kind, len(cands), method)
-            res = searcher.fit(model, cands, fit_bank, calibration_bank, variables,
-                               bases={k: v for k, v in bases.items() if any(c.basis == k for c in cands)},
-                               allowed=allowed)
-            keep = st.keep or self.keep
-            kept, reasons = self._select(res, allowed, keep)
-            results.append(res)
-            kept_all.append(kept)
-            reasons_all.append(reasons)
+        stages = self._stage_list()
+        searcher = self._searcher()
+        _check_stages_fit_model(stages, spec)
+        state = _RunState()
+        for i, st in enumerate(stages):
+            self._run_stage(i, st, searcher, model, spec, fit_bank, calibration_bank, variables, state)
         runtime = _time.perf_counter() - t0
-        return Localization(model, variables, results, kept_all, reasons_all, bases, runtime, self.stages, extra,
-                            candidates=cands_all, pca_info=dict(self._pca_info), screens=screens)
+        return Localization(model, variables, state.results, state.kept_all, state.reasons_all, state.bases, runtime,
+                            stages, state.extra, candidates=state.cands_all, pca_info=dict(state.pca_info),
+                            screens=state.screens)
+
+    def _run_stage(self, i: int, st: Stage, searcher: OTAlignmentSearcher, model, spec, fit_bank: PairBank,
+                   calibration_bank: PairBank, variables: list[str], state: _RunState) -> None:
+        """One stage: candidates (and PCA / LIB bases), screening, the fit, the sites kept; appended to ``state``."""
+        t_extra = _time.perf_counter()
+        cands, allowed, stage_bases = self._candidates(st, model, spec, fit_bank, state.kept, variables, searcher,
+                                                       state.pca_info)
+        state.bases.update(stage_bases)
+        screen_info = None
+        if st.screen is not None:
+            cands, allowed, screen_info = self._screen(st, searcher, model, cands, allowed, fit_bank, state.bases,
+                                                       variables)
+        state.screens.append(screen_info)
+        state.cands_all.append({v: [cands[j] for j in allowed[v]] for v in variables})
+        state.extra.append(_time.perf_counter() - t_extra if st.kind in ("pca", "lib") else 0.0)
+        stage_searcher = _stage_searcher(searcher, st, allowed)
+        _log.info("stage %d (%s): %d candidate sites, method %s", i, st.kind, len(cands), stage_searcher.method)
+        res = stage_searcher.fit(model, cands, fit_bank, calibration_bank, variables,
+                                 bases={k: v for k, v in state.bases.items() if any(c.basis == k for c in cands)},
+                                 allowed=allowed)
+        kept, reasons = self._select(res, allowed, st.keep or int(self.keep))
+        state.kept = kept
+        state.results.append(res)
+        state.kept_all.append(kept)
+        state.reasons_all.append(reasons)
 
     # ------------------------------------------------------------------------------------
-    def _screen(self, st: Stage, model, cands, allowed, bank: PairBank, bases, variables):
+    def _screen(self, st: Stage, searcher: OTAlignmentSearcher, model, cands, allowed, bank: PairBank, bases,
+                variables):
         """Run the stage's screener and drop candidates; returns (cands, allowed, report)."""
         t0 = _time.perf_counter()
         fn = get_screener(st.screen)
-        readout = getattr(self.searcher, "readout", None) or getattr(bank, "readout", None)
+        readout = getattr(searcher, "readout", None) or getattr(bank, "readout", None)
         stage_bases = {k: v for k, v in bases.items() if any(c.basis == k for c in cands)}
         rep = fn(model, list(cands), bank, variables=list(variables), threshold=st.screen_threshold,
-                 readout=readout, bases=stage_bases, seed=int(getattr(self.searcher, "seed", 0) or 0))
+                 readout=readout, bases=stage_bases, seed=int(getattr(searcher, "seed", 0) or 0))
         if len(rep.scores) != len(cands) or len(rep.keep) != len(cands):
             raise PlotError(f"screener {st.screen!r} returned {len(rep.keep)} decisions for {len(cands)} candidates")
-        keep = st.keep or self.keep
+        keep = st.keep or int(self.keep)
         by_var = {v: list((rep.keep_by_variable or {}).get(v, rep.keep)) for v in variables}
         rescued = {}
         for v in variables:
@@ -165,6 +200,7 @@ class ProgressiveScheduler:
 
     @staticmethod
     def _select(res: AlignmentResult, allowed: _Mapping[str, _Sequence[int]], keep: int):
+        """Per variable, the ``keep`` sites the next stage narrows to, and why each was kept."""
         kept, reasons = {}, {}
         for v in res.variables:
             h = res.handles[v]
@@ -183,73 +219,44 @@ class ProgressiveScheduler:
             reasons[v] = rs
         return kept, reasons
 
-    def _fit_lib(self, key: str, model, par: Site, bank: PairBank) -> _np.ndarray:
+    @staticmethod
+    def _fit_lib(key: str, searcher: OTAlignmentSearcher, model, par: Site, bank: PairBank,
+                 pca_info: dict) -> _np.ndarray:
         """LIB basis (output Jacobian of the searcher's readout) at a kept site; orthonormal rows for the engine."""
         from ..methods.bases import lib_basis
 
-        readout = self.searcher.readout or getattr(bank, "readout", None)
+        readout = searcher.readout or getattr(bank, "readout", None)
         basis = lib_basis(model, Site(par.layer, par.component, par.position), bank, readout=readout)
-        self._pca_info[key] = {"kind": "lib", "n_states": int(basis.info["n_states"]), "rank": basis.rank,
-                               "importances": basis.importances.tolist(),
-                               "jacobian_target": basis.info.get("jacobian_target"),
-                               "orthonormalisation": "nested QR of the LIB encoder rows in importance order",
-                               "states": "fit-bank bases and sources at the kept site"}
+        pca_info[key] = {"kind": "lib", "n_states": int(basis.info["n_states"]), "rank": basis.rank,
+                         "importances": basis.importances.tolist(),
+                         "jacobian_target": basis.info.get("jacobian_target"),
+                         "orthonormalisation": "nested QR of the LIB encoder rows in importance order",
+                         "states": "fit-bank bases and sources at the kept site"}
         _log.info("LIB basis %s built on %d states (rank %d)", key, basis.info["n_states"], basis.rank)
         return basis.orthonormal_rows().astype(_np.float32)
 
-    def _candidates(self, st: Stage, model, spec, bank: PairBank, kept, variables):
+    def _candidates(self, st: Stage, model, spec, bank: PairBank, kept, variables, searcher: OTAlignmentSearcher,
+                    pca_info: dict):
         """Candidate sites (union over variables) and, per variable, the indices it may use."""
-        per_var: dict[str, list[Site]] = {}
         stage_bases: dict[str, _np.ndarray] = {}
         if st.kind == "layer":
-            positions = st.positions or (-1,)
-            layers = range(spec.n_layers)
-            if kept is not None:  # a later layer stage: keep the previous layers only
-                layers = sorted({s.layer for ks in kept.values() for s in ks})
-            base = [Site(l, st.component, p) for l in layers for p in positions]
-            per_var = {v: list(base) for v in variables}
+            per_var = _layer_candidates(st, spec, kept, variables)
         elif st.kind == "position":
-            positions = st.positions or tuple(range(min_real_length(bank)))
-            for v in variables:
-                layers = sorted({s.layer for s in kept[v]}) if kept is not None else range(spec.n_layers)
-                per_var[v] = [Site(l, st.component, p) for l in layers for p in positions]
+            per_var = _position_candidates(st, spec, bank, kept, variables)
         elif st.kind == "coordinates":
-            for v in variables:
-                parents = kept[v] if kept is not None else [Site(l, st.component, -1) for l in range(spec.n_layers)]
-                sites = []
-                for par in parents:
-                    if par.basis is not None:
-                        raise PlotError("a coordinates stage cannot follow a pca/lib stage (coordinates are native)")
-                    dims = list(par.dims) if par.dims is not None else list(range(spec.dim(par.component)))
-                    for g in st.group_sizes:
-                        if g > len(dims):
-                            continue
-                        for grp in coordinate_sites(par.layer, len(dims), g, par.component, par.position):
-                            sites.append(grp.with_(dims=tuple(dims[j] for j in grp.dims)))
-                if not sites:
-                    raise SiteError(f"coordinates stage produced no candidates for {v!r} (group sizes {st.group_sizes} exceed the support)")
-                per_var[v] = list(dict.fromkeys(sites))
+            per_var = _coordinate_candidates(st, spec, kept, variables)
         else:  # pca / lib: bands of a basis fitted at each kept site
+            per_var = {}
             for v in variables:
                 parents = kept[v] if kept is not None else [Site(l, st.component, -1) for l in range(spec.n_layers)]
                 sites = []
                 for par in parents:
                     key = f"{st.kind}:L{par.layer}:{par.component}@{par.position}"
                     if key not in stage_bases and st.kind == "lib":
-                        stage_bases[key] = self._fit_lib(key, model, par, bank)
+                        stage_bases[key] = self._fit_lib(key, searcher, model, par, bank, pca_info)
                     if key not in stage_bases:
-                        acts = _site_activations(model, par, bank)
-                        V, _mean, _var = fit_pca_basis(acts)
-                        stage_bases[key] = V
-                        self._pca_info[key] = {"n_states": int(acts.shape[0]), "rank": int(V.shape[0]),
-                                               "states": "fit-bank bases and sources at the kept site"}
-                        _log.info("PCA basis %s fitted on %d states (rank %d)", key, acts.shape[0], V.shape[0])
-                    r = stage_bases[key].shape[0]
-                    nb = min(st.bands, r)
-                    edges = _np.linspace(0, r, nb + 1).round().astype(int)
-                    for a, b in zip(edges[:-1], edges[1:]):
-                        if b > a:
-                            sites.append(Site(par.layer, par.component, par.position, dims=tuple(range(a, b)), basis=key))
+                        stage_bases[key] = _fit_pca_at(key, model, par, bank, pca_info)
+                    sites.extend(_band_sites(par, key, stage_bases[key].shape[0], st.bands))
                 per_var[v] = sites
         union = list(dict.fromkeys(s for v in variables for s in per_var[v]))
         index = {s: i for i, s in enumerate(union)}
@@ -260,10 +267,92 @@ class ProgressiveScheduler:
         return union, allowed, stage_bases
 
 
-def _site_activations(model, site: Site, bank: PairBank) -> _torch.Tensor:
-    """Activations at a whole-vector site for every base and source of the bank, (2N, d)."""
-    eng = InterchangeEngine(model, [(site.layer, site.component, site.position, None)])
-    ru = (site.layer, site.component, site.position)
-    a = eng.collect(bank.base)[ru]
-    b = eng.collect(bank.source)[ru]
-    return _torch.cat([a, b], 0)
+# ---------------------------------------------------------------------------------------- stage steps
+def _check_stages_fit_model(stages: _Sequence[Stage], spec) -> None:
+    """Refuse a ``position`` stage on a model without token positions."""
+    for st in stages:
+        if st.kind == "position" and not spec.has_positions:
+            raise PlotError(
+                f"stage kind 'position' needs a model with token positions; {spec.model_type.__name__} has none "
+                "(use 'layer' then 'coordinates' or 'pca')"
+            )
+
+
+def _stage_searcher(searcher: OTAlignmentSearcher, st: Stage, allowed: _Mapping[str, _Sequence[int]]):
+    """The searcher of one stage: the stage's method and grids, top-k clipped to the smallest support."""
+    method = st.method or ("uot" if st.kind in COARSE_KINDS else searcher.method)
+    overrides: dict[str, Any] = {"method": method}
+    if st.kind in COARSE_KINDS:
+        overrides.update(top_k=(1,), lambdas=(1.0,))
+    if st.top_k is not None:
+        overrides["top_k"] = tuple(st.top_k)
+    if st.lambdas is not None:
+        overrides["lambdas"] = tuple(st.lambdas)
+    out = searcher.clone(**overrides)
+    if out.top_k is not None:
+        n_support = min(len(a) for a in allowed.values())
+        ks = (out.top_k,) if _np.isscalar(out.top_k) else tuple(out.top_k)
+        out.top_k = tuple(k for k in ks if k <= n_support) or (1,)
+    return out
+
+
+def _layer_candidates(st: Stage, spec, kept, variables) -> dict[str, list[Site]]:
+    """``layer`` stage: one site per layer (the previous layers only after a layer stage) and position."""
+    positions = st.positions or (-1,)
+    layers = range(spec.n_layers)
+    if kept is not None:  # a later layer stage: keep the previous layers only
+        layers = sorted({s.layer for ks in kept.values() for s in ks})
+    base = [Site(l, st.component, p) for l in layers for p in positions]
+    return {v: list(base) for v in variables}
+
+
+def _position_candidates(st: Stage, spec, bank: PairBank, kept, variables) -> dict[str, list[Site]]:
+    """``position`` stage: every position (default: of the shortest fit example) inside the kept layers."""
+    positions = st.positions or tuple(range(min_real_length(bank)))
+    per_var = {}
+    for v in variables:
+        layers = sorted({s.layer for s in kept[v]}) if kept is not None else range(spec.n_layers)
+        per_var[v] = [Site(l, st.component, p) for l in layers for p in positions]
+    return per_var
+
+
+def _coordinate_candidates(st: Stage, spec, kept, variables) -> dict[str, list[Site]]:
+    """``coordinates`` stage: contiguous coordinate groups of each width inside each kept site."""
+    per_var = {}
+    for v in variables:
+        parents = kept[v] if kept is not None else [Site(l, st.component, -1) for l in range(spec.n_layers)]
+        sites = []
+        for par in parents:
+            if par.basis is not None:
+                raise PlotError("a coordinates stage cannot follow a pca/lib stage (coordinates are native)")
+            dims = list(par.dims) if par.dims is not None else list(range(spec.dim(par.component)))
+            for g in st.group_sizes:
+                if g > len(dims):
+                    continue
+                for grp in coordinate_sites(par.layer, len(dims), g, par.component, par.position):
+                    sites.append(grp.with_(dims=tuple(dims[j] for j in grp.dims)))
+        if not sites:
+            raise SiteError(f"coordinates stage produced no candidates for {v!r} (group sizes {st.group_sizes} exceed the support)")
+        per_var[v] = list(dict.fromkeys(sites))
+    return per_var
+
+
+def _fit_pca_at(key: str, model, par: Site, bank: PairBank, pca_info: dict) -> _np.ndarray:
+    """Centred PCA basis (rows) of the fit bank's base and source states at a kept site; recorded in ``pca_info``."""
+    # the one collector, called as the stage always collected: bases and sources in two passes, "auto"
+    # batches, the model's dtype (the PCA works in float64 either way)
+    acts = site_activations(model, Site(par.layer, par.component, par.position), bank, batch_size="auto",
+                            split_bank=True, dtype=None)
+    V, _mean, _var = fit_pca_basis(acts)
+    pca_info[key] = {"n_states": int(acts.shape[0]), "rank": int(V.shape[0]),
+                     "states": "fit-bank bases and sources at the kept site"}
+    _log.info("PCA basis %s fitted on %d states (rank %d)", key, acts.shape[0], V.shape[0])
+    return V
+
+
+def _band_sites(par: Site, key: str, rank: int, bands: int) -> list[Site]:
+    """``min(bands, rank)`` near-equal bands of the basis ``key`` at the kept site ``par``, most important first."""
+    nb = min(bands, rank)
+    edges = _np.linspace(0, rank, nb + 1).round().astype(int)
+    return [Site(par.layer, par.component, par.position, dims=tuple(range(a, b)), basis=key)
+            for a, b in zip(edges[:-1], edges[1:]) if b > a]

@@ -1,25 +1,13 @@
-"""Stages."""
-
+"""Stages of a progressive schedule (:class:`Stage`), the coarse stage kinds and the default DAS size grid."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import PlotError
-
-
-# ---------------------------------------------------------------------------------------- scheduler
-import logging as _logging  # noqa: E402
 from .screening import screener_names
-
-
-
-_log = _logging.getLogger(__name__)
-
-
-
-
 
 STAGE_KINDS = ("layer", "position", "coordinates", "pca", "lib")
 
@@ -107,7 +95,25 @@ class Stage:
             raise PlotError(f"screen_threshold must be >= 0, got {self.screen_threshold}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (read back by :meth:`from_dict`)."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Stage":
+        """Inverse of :meth:`to_dict`; JSON lists become the tuples the fields hold.
+
+        Raises
+        ------
+        PlotError
+            On a missing ``kind``, an unknown field or an invalid value.
+        """
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in fields]
+        if unknown or "kind" not in d:
+            raise PlotError(f"Stage fields {dict(d)!r}: unknown {unknown}, missing {['kind'] if 'kind' not in d else []}; "
+                            f"valid fields: {fields}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
 
 #: stage kinds that count as coarse (default solver one-sided UOT)
 COARSE_KINDS = ("layer", "position")

@@ -1,24 +1,16 @@
 """Screening."""
 
-
 from __future__ import annotations
 
 import dataclasses
+
+# ---------------------------------------------------------------------------------------- scheduler
+import logging as _logging  # noqa: E402
 from typing import Any
 
 from ..errors import PlotError
 
-
-# ---------------------------------------------------------------------------------------- scheduler
-import logging as _logging  # noqa: E402
-
-
-
 _log = _logging.getLogger(__name__)
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------- screening

@@ -85,7 +85,7 @@ subset and seed. A full swap of ``h_{i-1}`` also replaces what that state says a
 ``S{i-1}`` (the LM head reads ``h_{i-1}`` at step ``i-1``), so on changed pairs whose ``S{i-1}``
 differs it fails by construction; a method that isolates the carry inside ``h_{i-1}``
 (coordinates, a subspace) can do better than the full swap. All numbers:
-:data:`BINARY_ADDITION_VERIFICATION`.
+``python -m benchmarks.task_verification --tasks binary_addition`` (written to ``benchmarks/results/task_verification/binary_addition.json``).
 """
 
 from __future__ import annotations
@@ -98,15 +98,12 @@ from typing import Any
 
 import torch
 from pyvene.data_generators.causal_model import CausalModel
+from pyvene.models.gru.modelings_gru import GRUConfig
 
 from ..data import PairBank
 from ..errors import BankError, ModelError
-from pyvene.models.gru.modelings_gru import GRUConfig
-
-from ..models import StepGRULMHeadModel
-from ..models import BitsReadout
+from ..models import BitsReadout, StepGRULMHeadModel, layer_sites
 from ..progressive import Stage
-from ..models import layer_sites
 from . import Task, register
 
 logger = logging.getLogger(__name__)
@@ -116,7 +113,6 @@ __all__ = [
     "N_STEPS",
     "H_DIM",
     "VARIABLES",
-    "BINARY_ADDITION_VERIFICATION",
     "build_causal_model",
     "setting_of",
     "ab_of",
@@ -141,107 +137,6 @@ H_DIM = 16
 VARIABLES = ["C1", "C2", "C3"]
 _A = [f"A{i}" for i in range(N_BITS)]
 _B = [f"B{i}" for i in range(N_BITS)]
-
-# Measured by a standalone verification script (seeds 0-4, default options, 1 CPU thread); kept as
-# a constant so that loading the task does not recompute it.
-BINARY_ADDITION_VERIFICATION: dict[str, Any] = {
-    "method": "full interchange of h_t (base <- source), manual GRU unroll; cross-checked with "
-              "pyvene IntervenableModel + VanillaIntervention on L{t}.block_output "
-              "(identical predictions)",
-    "bank": "task.test of each seed (800 pairs, default sizes); "
-            "IIA = exact match of all 5 output bits",
-    "subsets": {"all": "every test pair",
-                "changed": "pairs where interchanging Ci changes the output",
-                "clean": "changed pairs whose base and source agree on S{i-1}"},
-    "timesteps": [0, 1, 2, 3, 4],
-    "iia": {  # seed -> variable -> subset -> (n pairs, IIA at h_0..h_4)
-        0: {
-            "C1": {
-                "all": (800, [0.613, 0.207, 0.038, 0.072, 0.119]),
-                "changed": (565, [0.497, 0.173, 0.0, 0.0, 0.0]),
-                "clean": (281, [1.0, 0.142, 0.0, 0.0, 0.0]),
-            },
-            "C2": {
-                "all": (800, [0.084, 0.74, 0.256, 0.05, 0.079]),
-                "changed": (642, [0.0, 0.734, 0.273, 0.0, 0.0]),
-                "clean": (471, [0.0, 1.0, 0.248, 0.0, 0.0]),
-            },
-            "C3": {
-                "all": (800, [0.05, 0.032, 0.616, 0.419, 0.179]),
-                "changed": (597, [0.0, 0.0, 0.616, 0.432, 0.0]),
-                "clean": (368, [0.0, 0.0, 1.0, 0.394, 0.0]),
-            },
-        },
-        1: {
-            "C1": {
-                "all": (800, [0.745, 0.22, 0.043, 0.084, 0.112]),
-                "changed": (525, [0.665, 0.236, 0.0, 0.0, 0.0]),
-                "clean": (349, [1.0, 0.226, 0.0, 0.0, 0.0]),
-            },
-            "C2": {
-                "all": (800, [0.064, 0.699, 0.304, 0.059, 0.084]),
-                "changed": (622, [0.0, 0.691, 0.326, 0.0, 0.0]),
-                "clean": (430, [0.0, 1.0, 0.316, 0.0, 0.0]),
-            },
-            "C3": {
-                "all": (800, [0.055, 0.05, 0.609, 0.463, 0.175]),
-                "changed": (588, [0.0, 0.0, 0.587, 0.473, 0.0]),
-                "clean": (345, [0.0, 0.0, 1.0, 0.53, 0.0]),
-            },
-        },
-        2: {
-            "C1": {
-                "all": (800, [0.741, 0.276, 0.041, 0.071, 0.101]),
-                "changed": (533, [0.679, 0.321, 0.0, 0.0, 0.0]),
-                "clean": (362, [1.0, 0.334, 0.0, 0.0, 0.0]),
-            },
-            "C2": {
-                "all": (800, [0.06, 0.621, 0.322, 0.044, 0.075]),
-                "changed": (646, [0.0, 0.594, 0.347, 0.0, 0.0]),
-                "clean": (384, [0.0, 1.0, 0.362, 0.0, 0.0]),
-            },
-            "C3": {
-                "all": (800, [0.041, 0.052, 0.584, 0.421, 0.188]),
-                "changed": (607, [0.0, 0.0, 0.557, 0.43, 0.0]),
-                "clean": (338, [0.0, 0.0, 1.0, 0.447, 0.0]),
-            },
-        },
-        3: {
-            "C1": {
-                "all": (800, [0.631, 0.235, 0.03, 0.097, 0.127]),
-                "changed": (571, [0.545, 0.228, 0.0, 0.0, 0.0]),
-                "clean": (311, [1.0, 0.26, 0.0, 0.0, 0.0]),
-            },
-            "C2": {
-                "all": (800, [0.064, 0.728, 0.304, 0.068, 0.096]),
-                "changed": (642, [0.0, 0.721, 0.324, 0.0, 0.0]),
-                "clean": (463, [0.0, 1.0, 0.313, 0.0, 0.0]),
-            },
-            "C3": {
-                "all": (800, [0.032, 0.039, 0.613, 0.426, 0.144]),
-                "changed": (623, [0.0, 0.0, 0.596, 0.425, 0.0]),
-                "clean": (371, [0.0, 0.0, 1.0, 0.469, 0.0]),
-            },
-        },
-        4: {
-            "C1": {
-                "all": (800, [0.647, 0.249, 0.026, 0.102, 0.144]),
-                "changed": (540, [0.522, 0.244, 0.0, 0.0, 0.0]),
-                "clean": (282, [1.0, 0.27, 0.0, 0.0, 0.0]),
-            },
-            "C2": {
-                "all": (800, [0.091, 0.696, 0.278, 0.087, 0.117]),
-                "changed": (637, [0.0, 0.689, 0.303, 0.0, 0.0]),
-                "clean": (439, [0.0, 1.0, 0.298, 0.0, 0.0]),
-            },
-            "C3": {
-                "all": (800, [0.043, 0.049, 0.606, 0.42, 0.185]),
-                "changed": (576, [0.0, 0.0, 0.606, 0.396, 0.0]),
-                "clean": (349, [0.0, 0.0, 1.0, 0.39, 0.0]),
-            },
-        },
-    },
-}
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -647,7 +542,6 @@ def build(
         "output": "LM head (vocab 2) at step t = sum bit t (t=4: carry out); "
                   "class = a + b (32 classes)",
         "model_config": {"h_dim": H_DIM, "n_layer": 1, "vocab_size": 2, "n_steps": N_STEPS},
-        "verification": BINARY_ADDITION_VERIFICATION,
     })
     return Task(
         name="binary_addition",

@@ -77,32 +77,36 @@ unchanged) is 0.13 for ``country`` and 0.41 for ``attribute``::
 layer 12, then moves (through position 16, " of", not scored here) to the last token (layers
 19-22). From layer 23 the last token carries the answer itself (a swap there gives the source's
 answer: IIA = the share of pairs where that equals the variable's counterfactual). Per-layer
-numbers, also under a full-vocabulary argmax: :data:`COUNTRY_FACTS_VERIFICATION`.
+numbers (task readout): ``python -m benchmarks.task_verification --tasks country_facts`` (written
+to ``benchmarks/results/task_verification/country_facts.json``).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
 from ..errors import BankError
-from ..progressive import Stage
 from ..models import layer_sites
+from ..progressive import Stage
 from . import Task, register
-from ._lm import LM_COMPARE_OPTIONS, predict_argmax, encode_prompts, filtered_lm_bank, single_token_ids
+from ._lm import (
+    LM_COMPARE_OPTIONS,
+    encode_prompts,
+    filtered_lm_bank,
+    predict_argmax,
+    single_token_ids,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CANDIDATES",
-    "COUNTRY_FACTS_VERIFICATION",
     "DEMO_COUNTRIES",
     "FAMILIES",
     "PREFIX",
@@ -164,57 +168,6 @@ CANDIDATES: dict[str, tuple[str, str]] = {
 }
 
 FAMILIES = ("country_only", "attribute_only", "both")
-
-# Measured by a standalone script on the seed-0 fit bank (200 pairs; see the module docstring);
-# kept as a constant so that loading the task does not recompute it. Full-vector interchange of the
-# residual stream (``block_output``) at each layer and at the relation / country / last token
-# (positions 15, 17, 18); rows are layers 0..29. ``full_swap_iia_seed0`` scores the task readout
-# (argmax over the answer tokens), ``..._strict_...`` the full-vocabulary argmax.
-COUNTRY_FACTS_VERIFICATION: dict[str, Any] = {
-    "positions": {"relation": 15, "country": 17, "last": 18},
-    "n_pairs": 200,
-    "changed": {"country": 174, "attribute": 118},
-    "floor": {"country": 0.13, "attribute": 0.41},  # share of pairs where the variable leaves O unchanged
-    "best_site": {"country": "L0-L20 block_output@17 (country token)",
-                  "attribute": "L0-L12 block_output@15 (relation token); L21-L22 @18 (last token)"},
-    "sweep_seconds": 931,  # 90 sites x 200 pairs on one shared CPU thread
-    "full_swap_iia_seed0": {
-        "country": [
-            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13],  # L0-L4
-            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13],  # L5-L9
-            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.03, 1.0, 0.125], [0.03, 1.0, 0.12],  # L10-L14
-            [0.03, 1.0, 0.12], [0.09, 0.995, 0.08], [0.095, 0.995, 0.055], [0.125, 0.995, 0.02], [0.125, 0.995, 0.01],  # L15-L19
-            [0.125, 0.99, 0.005], [0.13, 0.975, 0.0], [0.13, 0.96, 0.0], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41],  # L20-L24
-            [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41],  # L25-L29
-        ],
-        "attribute": [
-            [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41],  # L0-L4
-            [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41],  # L5-L9
-            [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [0.8, 0.0, 0.415], [0.81, 0.0, 0.425],  # L10-L14
-            [0.785, 0.0, 0.425], [0.585, 0.0, 0.59], [0.53, 0.0, 0.71], [0.43, 0.0, 0.89], [0.42, 0.0, 0.955],  # L15-L19
-            [0.42, 0.0, 0.97], [0.41, 0.0, 0.995], [0.41, 0.0, 0.995], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125],  # L20-L24
-            [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125],  # L25-L29
-        ],
-    },
-    "full_swap_iia_strict_seed0": {
-        "country": [
-            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13],  # L0-L4
-            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13],  # L5-L9
-            [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.13], [0.0, 1.0, 0.115], [0.0, 0.995, 0.085],  # L10-L14
-            [0.0, 0.99, 0.08], [0.025, 0.99, 0.045], [0.035, 0.985, 0.03], [0.055, 0.995, 0.0], [0.06, 0.98, 0.0],  # L15-L19
-            [0.06, 0.975, 0.0], [0.125, 0.96, 0.0], [0.13, 0.935, 0.0], [0.13, 0.13, 0.375], [0.13, 0.13, 0.41],  # L20-L24
-            [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41], [0.13, 0.13, 0.41],  # L25-L29
-        ],
-        "attribute": [
-            [1.0, 0.0, 0.41], [0.985, 0.0, 0.41], [0.985, 0.0, 0.41], [0.985, 0.0, 0.41], [0.985, 0.0, 0.41],  # L0-L4
-            [0.985, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [1.0, 0.0, 0.41], [0.985, 0.0, 0.41],  # L5-L9
-            [0.985, 0.0, 0.41], [0.965, 0.0, 0.41], [0.965, 0.0, 0.41], [0.555, 0.0, 0.41], [0.555, 0.0, 0.41],  # L10-L14
-            [0.555, 0.0, 0.41], [0.465, 0.0, 0.44], [0.425, 0.0, 0.46], [0.41, 0.0, 0.585], [0.41, 0.0, 0.685],  # L15-L19
-            [0.41, 0.0, 0.715], [0.41, 0.0, 0.97], [0.41, 0.0, 0.98], [0.41, 0.385, 0.125], [0.41, 0.41, 0.125],  # L20-L24
-            [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125], [0.41, 0.41, 0.125],  # L25-L29
-        ],
-    },
-}
 
 
 # ----------------------------------------------------------------------------- causal model
@@ -471,7 +424,6 @@ def build_country_facts(seed: int = 0, n_fit: int = 200, n_calibration: int = 10
                                                  "n_changed")}
                   for k, b in banks.items()},
         "seed": int(seed),
-        "verification": copy.deepcopy(COUNTRY_FACTS_VERIFICATION),
     }
     return Task(
         name="country_facts",

@@ -59,7 +59,6 @@ inside layer 0.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import time
@@ -68,9 +67,8 @@ from typing import Any
 import torch
 
 from ..data import PairBank
-from ..models import Readout
+from ..models import Readout, layer_sites
 from ..progressive import Stage
-from ..models import layer_sites
 from . import Task, register
 
 logger = logging.getLogger(__name__)
@@ -85,7 +83,6 @@ __all__ = [
     "SEQ_LEN",
     "VOCAB",
     "ANSWER_TOKENS",
-    "GPT2_LOOKUP_VERIFICATION",
 ]
 
 K = 5  # values per slot
@@ -98,22 +95,6 @@ VOCAB = (
     [f"v{i}" for i in range(K)] + [f"@{i}" for i in range(N_SLOTS)] + [f"s{i}" for i in range(2 * K - 1)]
 )
 SLOT_VARS = [f"X{i}" for i in range(N_SLOTS)]
-
-# Measured by a standalone verification script (seeds 0-2; see the module docstring); kept as a
-# constant so that loading the task does not recompute it. DAS: LowRankRotatedSpaceIntervention
-# (rank 4) at one block_output site, 5 epochs on the 1000-pair fit bank, IIA on the test bank.
-GPT2_LOOKUP_VERIFICATION: dict[str, Any] = {
-    "best_site": {"V1": "L0.block_output@5", "V2": "L0.block_output@6"},
-    "full_swap_iia_seed0": {
-        "V1": {"L0": [0.131, 0.131, 0.131, 0.131, 0.131, 1.0, 0.18],
-               "L1": [0.131, 0.131, 0.131, 0.131, 0.131, 0.131, 0.128]},
-        "V2": {"L0": [0.128, 0.128, 0.128, 0.128, 0.128, 0.18, 1.0],
-               "L1": [0.128, 0.128, 0.128, 0.128, 0.128, 0.128, 0.131]},
-    },
-    "full_swap_iia_best_site": {"V1": [1.0, 1.0, 1.0], "V2": [1.0, 1.0, 1.0]},  # seeds 0, 1, 2
-    "das_rank4_iia_best_site": {"V1": [1.0, 1.0, 1.0], "V2": [1.0, 1.0, 1.0]},  # seeds 0, 1, 2
-    "das_rank4_iia_best_other_site": {"V1": [0.159, 0.185, 0.168], "V2": [0.169, 0.145, 0.185]},
-}
 
 
 # ----------------------------------------------------------------------------- causal model
@@ -277,7 +258,6 @@ def build(seed: int = 0, n_fit: int = 1000, n_calibration: int = 500, n_test: in
         "model_config": {"n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
                          "n_head": model.config.n_head},
         "seed": int(seed),
-        "verification": copy.deepcopy(GPT2_LOOKUP_VERIFICATION),
     })
     return Task(
         name="gpt2_lookup",

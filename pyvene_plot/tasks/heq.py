@@ -57,9 +57,8 @@ from pyvene.models.mlp.modelings_mlp import MLPConfig, MLPForClassification
 
 from ..data import PairBank
 from ..errors import ModelError
-from ..models import Readout
+from ..models import Readout, neuron_sites
 from ..progressive import Stage
-from ..models import neuron_sites
 from . import Task, register
 
 logger = logging.getLogger(__name__)

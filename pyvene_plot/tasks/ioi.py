@@ -97,18 +97,16 @@ task's layer stage scores the four positions A, B, S, last.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
 import time
-from typing import Any
 
 import torch
 
 from ..errors import BankError
-from ..progressive import Stage
 from ..models import layer_sites
+from ..progressive import Stage
 from . import Task, register
 from ._lm import LM_COMPARE_OPTIONS, filtered_lm_bank, single_token_ids
 
@@ -117,7 +115,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FAMILIES",
     "INPUT_VARS",
-    "IOI_VERIFICATION",
     "NAMES",
     "OBJECTS",
     "PLACES",
@@ -144,35 +141,6 @@ SEQ_LEN = 14
 # Relevant token positions (absolute; every prompt has SEQ_LEN tokens).
 POSITIONS = {"A": 1, "B": 3, "S": 9, "last": 13}
 INPUT_VARS = ("name1", "name2", "subject_slot", "place", "object")
-
-# Measured by standalone scripts (see the module docstring); kept as a constant so that loading the
-# task does not recompute it. Full-vector interchange IIA on the seed-0 fit bank (200 pairs), per
-# layer at positions [A@1, B@3, S@9, last@13] (None: not measured).
-IOI_VERIFICATION: dict[str, Any] = {
-    "prompt_accuracy_seed0_candidates": 0.994,
-    "floor": {"output_token": 0.27, "output_position": 0.375},
-    "best_full_swap_site": {"output_token": "L23-L29.block_output@13 (IIA 0.995-1.0)",
-                            "output_position": "L18.block_output@9 (IIA 0.875)"},
-    "full_swap_iia_seed0_positions": [1, 3, 9, 13],
-    "full_swap_iia_seed0": {
-        "output_token": {
-            0: [0.335, 0.36, 0.515, 0.27], 3: [0.335, 0.37, 0.515, 0.27], 6: [0.325, 0.38, 0.51, 0.27],
-            9: [0.32, 0.375, 0.51, 0.27], 12: [0.32, 0.375, 0.51, 0.27], 15: [0.3, 0.36, 0.51, 0.27],
-            16: [None, None, 0.51, 0.27], 17: [None, None, 0.365, 0.27], 18: [0.29, 0.355, 0.35, 0.27],
-            19: [None, None, 0.485, 0.27], 20: [None, None, 0.41, 0.27], 21: [0.29, 0.355, 0.41, 0.275],
-            22: [None, None, 0.38, 0.295], 23: [None, None, 0.27, 0.995], 24: [0.27, 0.27, 0.27, 1.0],
-            27: [0.27, 0.27, 0.27, 0.995], 29: [0.27, 0.27, 0.27, 1.0],
-        },
-        "output_position": {
-            0: [0.25, 0.23, 0.48, 0.375], 3: [0.27, 0.22, 0.475, 0.375], 6: [0.305, 0.2, 0.51, 0.375],
-            9: [0.33, 0.215, 0.575, 0.375], 12: [0.335, 0.215, 0.58, 0.375], 15: [0.34, 0.27, 0.6, 0.375],
-            16: [None, None, 0.61, 0.375], 17: [None, None, 0.86, 0.375], 18: [0.355, 0.285, 0.875, 0.375],
-            19: [None, None, 0.71, 0.375], 20: [None, None, 0.495, 0.62], 21: [0.355, 0.285, 0.495, 0.62],
-            22: [None, None, 0.465, 0.655], 23: [None, None, 0.375, 0.26], 24: [0.375, 0.375, 0.375, 0.255],
-            27: [0.375, 0.375, 0.375, 0.255], 29: [0.375, 0.375, 0.375, 0.255],
-        },
-    },
-}
 
 
 # ----------------------------------------------------------------------------- causal model
@@ -390,7 +358,6 @@ def build_ioi(seed: int = 0, n_fit: int = 200, n_calibration: int = 100, n_test:
                                                  "n_source_wrong", "n_requested", "n_used", "families")}
                   for k, b in banks.items()},
         "seed": int(seed),
-        "verification": copy.deepcopy(IOI_VERIFICATION),
     }
     positions = tuple(sorted(POSITIONS.values()))
     return Task(

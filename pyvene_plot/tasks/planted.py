@@ -48,9 +48,8 @@ from pyvene.models.mlp.modelings_mlp import MLPConfig, MLPForClassification
 
 from ..data import PairBank
 from ..errors import ModelError
-from ..models import Readout
+from ..models import Readout, Site, neuron_sites
 from ..progressive import Stage
-from ..models import Site, neuron_sites
 from . import Task, register
 from .heq import balanced_sampler, heq_causal_model
 

@@ -18,6 +18,8 @@ import torch
 
 import pyvene_plot as pp
 from pyvene_plot import das as D
+from pyvene_plot.das._run import _better
+from pyvene_plot.das._train import TrainSite, _loss_on_batch, _Stopper
 from pyvene_plot.data import as_model_kwargs
 from pyvene_plot.models import Readout
 from pyvene_plot.tasks.planted import mlp_interchange_logits
@@ -208,8 +210,21 @@ def test_result_bookkeeping(planted, planted_das):
     for c in das.candidates:
         assert {"variable", "spec", "layer", "position", "support_width", "k", "epochs", "final_loss", "train_s",
                 "calibration", "seed", "lr", "trainer", "selected"} <= set(c)
-        assert 1 <= c["epochs"] <= 30 and c["train_s"] > 0 and c["support_width"] == 8
-    assert das.runtime_s >= das.timings["train_s"] + das.timings["calibration_s"]
+        h = c["loss_history"]
+        assert c["epochs"] == len(h) and c["final_loss"] == h[-1] and c["best_loss"] == min(h)
+        assert c["stopped_early"] == (c["epochs"] < 30)
+        assert c["support_width"] == 8 and c["lr"] == D.auto_lr(8) and c["trainer"] == "loop" and c["k"] == 1
+    assert [c["variable"] for c in das.candidates] == ["WX", "YZ"] and all(c["selected"] for c in das.candidates)
+    assert das.candidates[0]["seed"] != das.candidates[1]["seed"]  # seeds differ per variable
+    # the timings add up: the totals are the candidates' sums, and the runtime covers all three phases
+    assert das.timings["train_s"] == pytest.approx(sum(c["train_s"] for c in das.candidates))
+    assert das.timings["calibration_s"] == pytest.approx(sum(c["calibration_s"] for c in das.candidates))
+    assert das.runtime_s >= das.timings["collect_s"] + das.timings["train_s"] + das.timings["calibration_s"]
+    # the handle's meta is its candidate's row
+    for c in das.candidates:
+        meta = das.best[c["variable"]].meta
+        assert meta["selection"] == "balanced" and meta["loss_history"] == c["loss_history"]
+        assert meta["seed"] == c["seed"] and meta["calibration"] == c["calibration"]
     # cached-source calibration scores == real-source handle scores
     for v in das.variables:
         row = next(c for c in das.candidates if c["variable"] == v and c["selected"])
@@ -218,14 +233,17 @@ def test_result_bookkeeping(planted, planted_das):
         das.best.iia(planted.test)
     assert set(das.evaluate(planted.test)) == {"WX", "YZ"}
     table = das.table()
-    assert table.count("\n| WX") == 1 and "*" in table
+    assert table.count("\n| WX") == 1 and table.count("| * |") == 2 and "2 trainings (loop trainer)" in table
 
 
 def test_to_json_and_single_variable_best(planted, tmp_path):
     spec = D.DASSpec("WX", layer=1, dims=(0, 1, 2), subspace_sizes=(1, 2))
     das = D.run_das(planted.model, [spec], planted.fit, planted.calibration, epochs=3, progress=False)
     assert das.variables == ["WX"] and das.n_trained == 2
-    assert isinstance(das.best.iia(planted.test), float)  # one variable: best.iia works directly
+    # one variable: best.iia works directly and is that variable's handle's IIA
+    assert das.best.iia(planted.test) == das.best["WX"].iia(planted.test) == das.evaluate(planted.test)["WX"]
+    selected = [c for c in das.candidates if c["selected"]]
+    assert len(selected) == 1 and selected[0]["k"] == das.best["WX"].k
     p = das.to_json(tmp_path / "das.json")
     d = json.loads(p.read_text())
     assert d["n_trained"] == 2 and d["trainer"] == "loop" and len(d["candidates"]) == 2
@@ -234,28 +252,29 @@ def test_to_json_and_single_variable_best(planted, tmp_path):
 
 def test_selection_tie_break_prefers_smaller_k_then_earlier_spec():
     cur = (0.9, 4, 0)
-    assert D._better(0.95, 8, 3, cur)
-    assert not D._better(0.85, 1, 0, cur)
-    assert D._better(0.9, 2, 5, cur)        # tie -> smaller k
-    assert not D._better(0.9, 4, 1, cur)    # tie, same k -> earlier spec stays
-    assert D._better(0.9, 4, 0, (0.9, 4, 2))
-    assert D._better(float("nan"), 1, 0, None)
+    assert _better(0.95, 8, 3, cur)
+    assert not _better(0.85, 1, 0, cur)
+    assert _better(0.9, 2, 5, cur)        # tie -> smaller k
+    assert not _better(0.9, 4, 1, cur)    # tie, same k -> earlier spec stays
+    assert _better(0.9, 4, 0, (0.9, 4, 2))
+    assert _better(float("nan"), 1, 0, None)
+    assert not _better(float("nan"), 1, 0, (0.0, 8, 9))  # NaN scores lose to any real score
 
 
 def test_early_stopping_rule():
-    st = D._Stopper(min_epochs=2, patience=2, rel_tol=1e-2)
+    st = _Stopper(min_epochs=2, patience=2, rel_tol=1e-2)
     assert [st.update(x) for x in (1.0, 0.5, 0.499, 0.498)] == [False, False, False, True]
-    st = D._Stopper(min_epochs=5, patience=1, rel_tol=0.0)
+    st = _Stopper(min_epochs=5, patience=1, rel_tol=0.0)
     assert [st.update(1.0) for _ in range(5)] == [False, False, False, False, True]
     with pytest.raises(pp.PlotError):
-        D._Stopper(1, 1, 0).update(float("nan"))
+        _Stopper(1, 1, 0).update(float("nan"))
 
 
 @pytest.mark.parametrize("spec", [D.DASSpec(None, 1, subspace_sizes=(3,)),
                                   D.DASSpec(None, 1, dims=(0, 1, 4), subspace_sizes=(2,))])
 def test_parametrize_cached_gives_identical_gradients(planted, spec):
     model = planted.model
-    site = D._Site(model, spec, spec.subspace_sizes[0], seed=0, device=CPU)
+    site = TrainSite(model, spec, spec.subspace_sizes[0], seed=0, device=CPU)
     eng = pp.InterchangeEngine(model, [(1, "block_output", -1, None)])
     src = eng.collect(planted.fit.source)[(1, "block_output", -1)]
     bpos = eng.positions(planted.fit.base)[(1, "block_output", -1)]
@@ -265,7 +284,7 @@ def test_parametrize_cached_gives_identical_gradients(planted, spec):
         for p in site.params:
             p.grad = None
         with torch.nn.utils.parametrize.cached() if cached else contextlib.nullcontext():
-            loss = D._loss_on_batch(site, kw, bpos, src, planted.fit.labels("WX"), torch.arange(64),
+            loss = _loss_on_batch(site, kw, bpos, src, planted.fit.labels("WX"), torch.arange(64),
                                     planted.readout, CPU)
             loss.backward()
         losses.append(float(loss.detach()))
@@ -353,3 +372,103 @@ def test_save_load_roundtrip_fresh_process(planted, tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert "ROUNDTRIP_OK" in out.stdout, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ DASResult JSON round trip
+def _same(a, b) -> bool:
+    """Equality that treats NaN as equal to NaN (calibration scores may be NaN)."""
+    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _assert_results_equal(a: D.DASResult, b: D.DASResult) -> None:
+    for f in ("candidates", "runtime_s", "n_trained", "trainer", "variables", "settings", "timings"):
+        assert _same(getattr(a, f), getattr(b, f)), f
+    assert isinstance(b.best, D.DASBest) and list(a.best) == list(b.best)
+    for v in a.best:
+        ha, hb = a.best[v], b.best[v]
+        assert hb.variable == ha.variable and hb.k == ha.k and hb.readout == ha.readout
+        assert hb.spec == ha.spec and hb.spec.label == ha.spec.label
+        assert _same(hb.meta, ha.meta)
+        sa, sb = ha.state_dict(), hb.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def test_das_result_json_round_trip(planted, planted_das, tmp_path):
+    basis = np.linalg.qr(np.random.default_rng(2).normal(size=(8, 4)))[0].T
+    spec = D.DASSpec("WX", layer=1, basis=basis, dims=(0, 1, 3), subspace_sizes=(1, 2))
+    restricted = D.run_das(planted.model, [spec], planted.fit, planted.calibration, epochs=2, progress=False)
+    for name, das in (("whole", planted_das), ("basis", restricted)):
+        p = das.to_json(tmp_path / f"{name}.json")
+        raw = json.loads(p.read_text())
+        assert raw["format_version"] == 1 and raw["writer"].startswith("pyvene_plot ")
+        back = D.DASResult.from_json(p, model=planted.model)
+        _assert_results_equal(das, back)
+        for v in das.variables:
+            assert back.best[v].iia(planted.test) == das.best[v].iia(planted.test)
+            assert torch.equal(back.best[v].run(planted.test.base, planted.test.source),
+                               das.best[v].run(planted.test.base, planted.test.source))
+            assert torch.equal(back.best[v].directions(), das.best[v].directions())
+        # without a model: every field comes back, the handles wait for attach(model)
+        detached = D.DASResult.from_json(p)
+        _assert_results_equal(das, detached)
+        v = das.variables[0]
+        with pytest.raises(pp.PlotError, match="attach"):
+            detached.best[v].iia(planted.test)
+        detached.attach(planted.model)
+        assert detached.best[v].iia(planted.test) == das.best[v].iia(planted.test)
+
+
+def test_das_result_from_json_errors_name_the_file(planted_das, tmp_path):
+    p = planted_das.to_json(tmp_path / "das.json")
+    text = p.read_text()
+    bad = tmp_path / "truncated.json"
+    bad.write_text(text[: len(text) // 2])
+    with pytest.raises(pp.PlotError, match=r"truncated\.json.*truncated"):
+        D.DASResult.from_json(bad)
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(pp.PlotError, match=r"empty\.json.*empty"):
+        D.DASResult.from_json(tmp_path / "empty.json")
+    d = json.loads(text)
+    del d["candidates"]
+    (tmp_path / "no_candidates.json").write_text(json.dumps(d))
+    with pytest.raises(pp.PlotError, match=r"no_candidates\.json.*missing \['candidates'\]"):
+        D.DASResult.from_json(tmp_path / "no_candidates.json")
+    d = json.loads(text)
+    del d["best"]["YZ"]["weights"]
+    (tmp_path / "no_weights.json").write_text(json.dumps(d))
+    with pytest.raises(pp.PlotError, match=r"no_weights\.json.*best\['YZ'\].*missing \['weights'\]"):
+        D.DASResult.from_json(tmp_path / "no_weights.json")
+    d = json.loads(text)
+    del d["best"]["YZ"]
+    (tmp_path / "no_handle.json").write_text(json.dumps(d))
+    with pytest.raises(pp.PlotError, match=r"no_handle\.json.*missing \['YZ'\]"):
+        D.DASResult.from_json(tmp_path / "no_handle.json")
+
+
+# ------------------------------------------------------------------------------ configs saved with old class paths
+@pytest.mark.parametrize("cls_name, spec", [
+    ("LowRankDASIntervention", D.DASSpec("WX", layer=1, subspace_sizes=(2,))),
+    ("SupportRotatedSpaceIntervention", D.DASSpec("WX", layer=1, dims=(0, 1, 4), subspace_sizes=(2,))),
+])
+def test_das_config_saved_with_old_class_path_still_loads(planted, tmp_path, cls_name, spec):
+    das = D.run_das(planted.model, [spec], planted.fit, planted.calibration, epochs=2, progress=False)
+    h = das.best["WX"]
+    want = h.run(planted.test.base, planted.test.source)
+    h.intervenable.save(str(tmp_path / "im"))
+    cfg_path = tmp_path / "im" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["intervention_types"] == [f"<class 'pyvene_plot.interventions.{cls_name}'>"]  # the stable path
+    cfg["intervention_types"] = [f"<class 'pyvene_plot.das.{cls_name}'>"]  # as saved before the restructure
+    cfg_path.write_text(json.dumps(cfg))
+    im = pv.IntervenableModel.load(str(tmp_path / "im"), planted.model)
+    iv = next(iter(im.interventions.values()))
+    assert type(iv) is getattr(pp.interventions, cls_name)
+    assert torch.equal(pp.run_intervenable(im, planted.test.base, planted.test.source, h.readout), want)

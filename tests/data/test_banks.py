@@ -68,6 +68,12 @@ def test_from_causal_model_default_variables_and_balance(cm, bank):
     assert auto.variables == ["S"]  # every non-input, non-output variable
     # balance=True reserves n // (V + 1) changed pairs per variable
     assert int(bank.changed("S").sum()) >= 300 // 2
+    assert bank.meta["reserved_per_variable"] == 150 and bank.meta["balance"] is True
+    assert bank.meta["draws"] >= 300 and bank.meta["output_var"] == "O"
+    free = pp.PairBank.from_causal_model(cm, _to_inputs, n=300, variables=["S"], seed=3, balance=False)
+    assert free.meta["reserved_per_variable"] == 0 and free.meta["draws"] == 300
+    # the recorded settings are the rows' own settings
+    assert [_decode(bank.base[i : i + 1])[0] for i in range(5)] == bank.settings[0][:5]
     # same seed, same bank; different seed, different bank
     again = pp.PairBank.from_causal_model(cm, _to_inputs, n=300, variables=["S"], seed=3)
     assert torch.equal(again.base, bank.base) and torch.equal(again.source, bank.source)
@@ -167,3 +173,26 @@ def test_heq_causal_model_banks_match_direct_labels():
         assert int(bank.base_labels[i]) == int(bwx == byz)
         assert int(bank.labels("WX")[i]) == int(swx == byz)
         assert int(bank.labels("YZ")[i]) == int(bwx == syz)
+
+
+def test_pair_sampler_and_dict_inputs(cm):
+    """Related pairs from a pair_sampler; dict model inputs are stacked key by key."""
+    def pair_sampler(rng: random.Random) -> tuple[dict, dict]:
+        a = rng.choice(VALS)
+        return {"A": a, "B": 1, "C": 2}, {"A": (a + 1) % 3, "B": 1, "C": 2}
+
+    def to_inputs(setting: dict) -> dict:
+        x = _to_inputs(setting)
+        return {"inputs_embeds": x, "mask": torch.ones(1, dtype=torch.long)}
+
+    bank = pp.PairBank.from_causal_model(cm, to_inputs, n=30, variables=["S"], seed=2, pair_sampler=pair_sampler,
+                                         balance=False)
+    assert set(bank.base) == {"inputs_embeds", "mask"}
+    assert bank.base["inputs_embeds"].shape == (30, 1, 3) and bank.base["mask"].shape == (30, 1)
+    assert bank.meta["sampling"] == "pair_sampler"
+    for b, s in zip(_decode(bank.base["inputs_embeds"]), _decode(bank.source["inputs_embeds"])):
+        assert s["A"] == (b["A"] + 1) % 3 and (b["B"], b["C"]) == (s["B"], s["C"]) == (1, 2)
+    # S always changes here (A moves, B fixed, C = 2), so every pair is sensitive
+    assert bool(bank.changed("S").all())
+    with pytest.raises(pp.BankError, match="pair_sampler"):
+        pp.PairBank.from_causal_model(cm, to_inputs, n=5, variables=["S"], pair_sampler="not callable")

@@ -4,6 +4,7 @@ with pyvene's VanillaIntervention at λ=1, w=1, and save/load in a fresh process
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -304,10 +305,8 @@ def test_save_load_round_trip_in_fresh_process(tmp_path):
     child = torch.load(tmp_path / "out.pt", weights_only=False)
     for name in handles:
         assert torch.equal(child[name]["logits"], parent[name]), name
-        assert set(child[name]["types"].values()) <= {
-            "pyvene_plot.interventions.SoftInterchangeIntervention",
-            "pyvene_plot.interventions.SoftSpanInterchangeIntervention",
-        }
+        kind = "SoftSpanInterchangeIntervention" if "span" in name else "SoftInterchangeIntervention"
+        assert set(child[name]["types"].values()) == {f"pyvene_plot.interventions.{kind}"}, name
         assert set(child[name]["buffers"]) == set(expected_bufs[name])
         for key, bufs in expected_bufs[name].items():
             got = child[name]["buffers"][key]
@@ -329,3 +328,32 @@ def test_intervention_position_buffer():
     iv = pp.SoftSpanInterchangeIntervention(embed_dim=4, low_rank_dimension=2, position=-1)
     assert intervention_position(iv) == -1
     assert np.array_equal(iv.basis.numpy(), np.eye(4)[:2])
+
+
+@pytest.mark.parametrize("cls_name", ["SoftInterchangeIntervention", "SoftSpanInterchangeIntervention"])
+def test_soft_config_saved_with_old_class_path_still_loads(tmp_path, cls_name):
+    """Handles saved before the restructure name ``pyvene_plot.interventions.<Class>`` (the path is unchanged)."""
+    model = _mlp(seed=20)
+    base, source = _mlp_inputs(seed=21)
+    if cls_name == "SoftInterchangeIntervention":
+        handle = pp.Handle("V", [pp.Site(1, dims=(0, 3, 5))], [0.7], strength=1.4)
+    else:
+        handle = pp.Handle("V", [pp.Site(1, dims=(0, 2), basis="b")], [0.6], strength=2.0,
+                           bases={"b": _orthonormal(3, D, seed=22).numpy()})
+    im = handle.intervenable(model)
+    with torch.no_grad():
+        want = pp.run_intervenable(im, base, source)
+    im.save(str(tmp_path / "im"))
+    cfg_path = tmp_path / "im" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    old_path = f"<class 'pyvene_plot.interventions.{cls_name}'>"
+    assert cfg["intervention_types"] == [old_path]
+    cfg["intervention_types"] = [old_path]  # written as a pre-restructure config would store it
+    cfg_path.write_text(json.dumps(cfg))
+    loaded = pv.IntervenableModel.load(str(tmp_path / "im"), model)
+    iv = next(iter(loaded.interventions.values()))
+    assert type(iv) is getattr(pp.interventions, cls_name)
+    with torch.no_grad():
+        got = pp.run_intervenable(loaded, base, source)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, model(inputs_embeds=base)[0].detach())  # the loaded intervention acts

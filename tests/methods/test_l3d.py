@@ -22,11 +22,12 @@ from pyvene_plot.methods.l3d import (
     L3DConfigError,
     L3DInputError,
     L3DNotFittedError,
+    L3D_FORMAT_VERSION,
     batch_topk_mask,
     match_subnetworks,
     subnetwork_alignment,
 )
-from pyvene_plot.methods.l3d._l3d import _Oracle
+from pyvene_plot.methods.l3d._oracle import GradientOracle
 from pyvene_plot.methods.toys import (
     circuit_coefficients_from_subnetworks,
     train_circuit_superposition,
@@ -87,8 +88,9 @@ def test_tms_reconstruction_error_near_paper(fitted, test_inputs):
     assert 0.09 < fitted.train_error_ < 0.29, fitted.train_error_
     # training converged from a much worse starting point
     assert fitted.history_[0] > fitted.train_error_ + 0.2, fitted.history_[:3]
-    # the dense (no top-k) error of the same directions is also reported and finite
-    assert 0.0 <= fitted.reconstruction_error(test_inputs, top_k=1.0) < 1.0
+    # keeping every coefficient (no top-k) reconstructs strictly better with the same directions
+    dense = fitted.reconstruction_error(test_inputs, top_k=1.0)
+    assert dense < err, (dense, err)
 
 
 def test_p_act_and_batch_topk_budget(fitted, test_inputs):
@@ -118,7 +120,7 @@ def test_subnetworks_are_unit_rank1_parameter_shaped(fitted, tms):
 def test_attributions_pick_the_active_feature(fitted, matching, tms, test_inputs):
     _, feat_to_sub = matching
     attr = fitted.attributions(test_inputs, n_references=4)
-    assert attr.shape == (1000, 5) and (attr >= 0).all()
+    assert attr.shape == (1000, 5)
     with torch.no_grad():
         y = tms.model(test_inputs)
     feats = test_inputs.argmax(1)
@@ -132,9 +134,10 @@ def test_attributions_pick_the_active_feature(fitted, matching, tms, test_inputs
     off = (y == 0).all(1)
     if off.any():
         assert float(attr[off].max()) < 0.05 * float(attr[single].max(1).values.mean())
-    # deterministic given the seed
+    # deterministic given the seed, and the seed matters
     again = fitted.attributions(test_inputs, n_references=4)
-    assert torch.allclose(attr, again)
+    assert torch.equal(attr, again)
+    assert not torch.equal(attr, fitted.attributions(test_inputs, n_references=4, seed=99))
 
 
 def test_perturb_mainly_changes_the_matched_output(fitted, matching, tms, test_inputs):
@@ -208,7 +211,7 @@ def test_per_sample_gradients_match_autograd_loop(divergence):
     model = _Clf().eval()
     x = torch.randn(7, 6)
     names = ["fc1.weight", "fc2.bias"]
-    oracle = _Oracle(model, names, torch.device("cpu"), divergence, lambda o: o)
+    oracle = GradientOracle(model, names, torch.device("cpu"), divergence, lambda o: o)
     with torch.no_grad():
         ref = model(x).flip(0)
     g = oracle.grads(x, ref)
@@ -232,7 +235,7 @@ def test_reference_choices():
     # "zero": the coefficients are V_in · ∇ D(f(x), 0), whatever the batch order
     l3d = L3D(n_subnetworks=3, reference="zero", epochs=2, batch_size=8, seed=0).fit(model, x, progress=False)
     ev = l3d.evaluate(x, top_k=1.0)
-    oracle = _Oracle(model, l3d.param_names_, torch.device("cpu"), "mse", lambda o: o)
+    oracle = GradientOracle(model, l3d.param_names_, torch.device("cpu"), "mse", lambda o: o)
     v_in = torch.cat([l3d.encoder_[n].flatten(1) for n in l3d.param_names_], 1)
     with torch.no_grad():
         want = oracle.grads(x, torch.zeros(40, 4)) @ v_in.T
@@ -285,15 +288,83 @@ def test_save_load_roundtrip(fitted, tms, test_inputs, tmp_path):
     path = fitted.save(tmp_path / "l3d.json")
     payload = json.loads(path.read_text())
     assert payload["schema"] == "pyvene_plot.methods.l3d/1" and payload["config"]["n_subnetworks"] == 5
+    assert payload["format_version"] == L3D_FORMAT_VERSION and payload["writer"].startswith("pyvene_plot ")
     again = L3D.load(path, model=tms.model)
     for a, b in zip(fitted.subnetworks, again.subnetworks):
-        assert all(torch.allclose(a[n], b[n]) for n in a)
+        assert all(torch.equal(a[n], b[n]) for n in a)
     assert torch.allclose(fitted.attributions(test_inputs[:30], n_references=2),
                           again.attributions(test_inputs[:30], n_references=2), atol=1e-6)
     unbound = L3D.load(path)
     with pytest.raises(L3DNotFittedError, match="model"):
         unbound.attributions(test_inputs[:5])
-    assert L3DConfig.from_dict(payload["config"]) == fitted.config
+    assert L3DConfig.from_dict(payload["config"]) == fitted.config_
+
+
+def test_to_json_from_json_roundtrip_every_field(fitted, tmp_path):
+    again = L3D.from_json(fitted.to_json(tmp_path / "fit.json"))
+    assert again.config_ == fitted.config_ and again.resolved_config == fitted.config_
+    assert again.param_names_ == fitted.param_names_ and again.param_shapes_ == fitted.param_shapes_
+    assert again.ranks_ == fitted.ranks_
+    for name in fitted.param_names_:
+        assert torch.equal(again.decoder_[name], fitted.decoder_[name])
+        assert torch.equal(again.encoder_[name], fitted.encoder_[name])
+    assert torch.equal(again.p_act_, fitted.p_act_)
+    assert again.history_ == fitted.history_ and again.train_error_ == fitted.train_error_
+    assert again.n_samples_ == fitted.n_samples_ == 1000 and again.fit_seconds_ == fitted.fit_seconds_
+    # the copy writes the same file again (up to the package versions it records)
+    a, b = fitted.to_dict(), again.to_dict()
+    assert a == b
+
+
+def test_from_json_errors_name_the_file_and_the_gap(fitted, tmp_path):
+    good = fitted.to_json(tmp_path / "good.json")
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    with pytest.raises(PlotError, match="empty.json.*is empty"):
+        L3D.from_json(empty)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(good.read_text()[:200])
+    with pytest.raises(PlotError, match="truncated.json.*not valid JSON"):
+        L3D.from_json(truncated)
+    payload = json.loads(good.read_text())
+    del payload["decoder"], payload["p_act"]
+    incomplete = tmp_path / "incomplete.json"
+    incomplete.write_text(json.dumps(payload))
+    with pytest.raises(PlotError, match=r"incomplete.json.*missing \['decoder', 'p_act'\]"):
+        L3D.from_json(incomplete)
+    payload = json.loads(good.read_text())
+    payload["decoder"].pop("W")
+    inconsistent = tmp_path / "inconsistent.json"
+    inconsistent.write_text(json.dumps(payload))
+    with pytest.raises(PlotError, match="inconsistent.json.*incomplete or inconsistent.*'W'"):
+        L3D.from_json(inconsistent)
+    payload = json.loads(good.read_text())
+    payload["format_version"] = L3D_FORMAT_VERSION + 1
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(payload))
+    with pytest.raises(PlotError, match="format_version"):
+        L3D.from_json(newer)
+
+
+def test_get_params_set_params_round_trip():
+    cfg = L3DConfig(n_subnetworks=4, epochs=7, ranks={"W": 1})
+    est = L3D(cfg, top_k=0.2, seed=3)
+    params = est.get_params()
+    assert list(params) == ["config", "n_subnetworks", "ranks", "top_k", "warm_start_k", "warm_start_epochs",
+                            "epochs", "batch_size", "lr", "lr_step_epochs", "lr_gamma", "divergence", "reference",
+                            "params", "n_references", "chunk_size", "seed", "device"]
+    assert params["config"] is cfg and params["top_k"] == 0.2 and params["seed"] == 3 and params["epochs"] is None
+    resolved = est.resolved_config
+    assert resolved == L3DConfig(n_subnetworks=4, epochs=7, ranks={"W": 1}, top_k=0.2, seed=3)
+    assert est.set_params(**params) is est
+    assert est.get_params() == params and est.resolved_config == resolved
+    assert L3D(**params).resolved_config == resolved  # rebuilding from the params gives the same estimator
+    est.set_params(epochs=2)
+    assert est.epochs == 2 and est.resolved_config.epochs == 2 and est.config is cfg
+    with pytest.raises(L3DConfigError, match=r"unknown parameter\(s\) \[.epoch.\] for L3D; valid parameters: .*epochs"):
+        est.set_params(epoch=3)
+    with pytest.raises(L3DConfigError, match="n_subnetworks=0"):
+        est.set_params(n_subnetworks=0)
 
 
 def test_public_exports():

@@ -51,9 +51,18 @@ def test_llama_sites_and_vanilla_equivalence():
 def test_llama_signature_sweep_runs():
     model = _tiny_llama()
     bank = _lm_bank(n=12)
-    eff = pp.collect_site_effects(model, pp.layer_sites(model, positions=[-1, -2]), bank, ["V"])
+    sites = pp.layer_sites(model, positions=[-1, -2])
+    eff = pp.collect_site_effects(model, sites, bank, ["V"])
     assert eff.probs.shape[:2] == (4, 12)
     assert torch.isfinite(eff.probs).all()
+    # a full swap of the last layer at the read-out token hands over the source's prediction
+    last = sites.index(pp.Site(1, "block_output", -1))
+    with torch.no_grad():
+        src_pred = pp.Readout()(model(**bank.source), bank.source).argmax(-1)
+        base_pred = pp.Readout()(model(**bank.base), bank.base).argmax(-1)
+    assert torch.equal(eff.preds[last], src_pred)
+    assert torch.equal(eff.base_logits.argmax(-1), base_pred)
+    assert not torch.equal(src_pred, base_pred)  # the check above can tell the two apart
 
 
 def test_pyvene_gru_is_refused_and_step_adapter_works():

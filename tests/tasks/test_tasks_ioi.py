@@ -27,7 +27,7 @@ SPLITS = ("fit", "calibration", "test")
 SIZES = {"n_fit": 24, "n_calibration": 12, "n_test": 12}
 # The last token of layers <= 19 carries neither variable (a swap there changes nothing): the first
 # layers where a last-token swap moves the answer are 20-22 (output_position, partly) and from 23 on
-# it carries output_token (see IOI_VERIFICATION).
+# it carries output_token (measured by benchmarks/task_verification.py).
 MID_LAYER = 20
 
 
@@ -92,7 +92,7 @@ def test_module_imports_without_optional_package():
         "import pyvene_plot.tasks.ioi as m\n"
         "from pyvene_plot.errors import ModelError\n"
         "from pyvene_plot import models\n"
-        "models._LM_CACHE.clear()\n"
+        "models.clear_lm_cache()\n"
         "try:\n"
         "    m.build_ioi(n_fit=2, n_calibration=2, n_test=2)\n"
         "except ModelError as e:\n"
@@ -153,7 +153,6 @@ def test_build_time_and_registration(task_and_time):
     assert task.name == "ioi"
     assert task.variables == ["output_token", "output_position"]
     assert task.causal_model is not None
-    assert task.info["model_load_seconds"] >= 0
 
 
 def test_model_frozen_eval_llama(task):
@@ -305,10 +304,11 @@ def _full_swap_iia(task, variable, layer, position):
 
 
 def test_where_the_variables_live(task):
-    """Regression check of the verification table on the small fit bank."""
+    """Full swaps on the small fit bank: output_token at the last token of layer 24, output_position at S."""
     assert _full_swap_iia(task, "output_token", 24, I.POSITIONS["last"]) >= 0.9
     s_site = _full_swap_iia(task, "output_position", 18, I.POSITIONS["S"])
     floor = 1 - task.fit.changed("output_position").float().mean()
     assert s_site >= 0.6 and s_site > floor + 0.15
-    v = task.info["verification"]["full_swap_iia_seed0"]
-    assert v["output_token"][24][3] == 1.0 and v["output_position"][18][2] == 0.875
+    # the last token of a middle layer carries neither variable yet (see MID_LAYER)
+    assert _full_swap_iia(task, "output_token", MID_LAYER - 1, I.POSITIONS["last"]) <= float(
+        1 - task.fit.changed("output_token").float().mean()) + 0.05
