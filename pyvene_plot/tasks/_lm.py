@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ..data import PairBank
 from ..errors import BankError
-from ..models import Readout
+from ..models import Readout, layer_sites
+from ..progressive import Stage
+from . import Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["single_token_ids", "encode_prompts", "filtered_lm_bank"]
+__all__ = [
+    "single_token_ids",
+    "encode_prompts",
+    "filtered_lm_bank",
+    "split_candidate_pool",
+    "position_tokens",
+    "LM_BANK_SUMMARY_KEYS",
+    "lm_bank_summary",
+    "lm_task",
+]
 
 
 def single_token_ids(tokenizer, words: Sequence[str], prefix: str = " ") -> list[int]:
@@ -122,3 +134,86 @@ def filtered_lm_bank(
 #: chosen on the calibration bank with ``benchmarks/das_budget.py`` (k = 8 stays near chance whatever the
 #: epochs: IOI output_token calibration 0.74-0.85 at k = 8 vs 0.94-0.97 at k = 64; a training costs the same).
 LM_COMPARE_OPTIONS = {"subspace_sizes": (64,), "das_kwargs": {"epochs": 2, "min_epochs": 1, "batch_size": 20}}
+
+
+def split_candidate_pool(pool: Sequence[Any], n_cand: Mapping[str, int]) -> dict[str, list]:
+    """Cut consecutive slices of ``pool``: ``{split: the next n_cand[split] candidates}``, in ``n_cand`` order."""
+    parts, lo = {}, 0
+    for split, n in n_cand.items():
+        parts[split] = pool[lo:lo + n]
+        lo += n
+    return parts
+
+
+def position_tokens(tokenizer, example: Sequence[int], positions: Mapping[str, int]) -> dict[str, dict]:
+    """``{name: {"index": p, "token_in_example": decoded token at p}}`` for one tokenised example."""
+    return {k: {"index": p, "token_in_example": tokenizer.decode([example[p]])} for k, p in positions.items()}
+
+
+#: ``bank.meta`` entries every SmolLM2 task reports per split in ``task.info["banks"]``
+LM_BANK_SUMMARY_KEYS = ("n_candidates", "n_kept", "n_dropped", "n_base_wrong", "n_source_wrong",
+                        "n_requested", "n_used", "families")
+
+
+def lm_bank_summary(banks: Mapping[str, PairBank], extra_keys: Sequence[str] = ()) -> dict[str, dict]:
+    """``{split: {key: bank.meta[key]}}`` over :data:`LM_BANK_SUMMARY_KEYS` then ``extra_keys``."""
+    keys = tuple(LM_BANK_SUMMARY_KEYS) + tuple(extra_keys)
+    return {k: {kk: b.meta[kk] for kk in keys} for k, b in banks.items()}
+
+
+def lm_task(
+    name: str,
+    model: torch.nn.Module,
+    variables: Sequence[str],
+    banks: Mapping[str, PairBank],
+    layer_positions: Sequence[int],
+    search_positions: Sequence[int],
+    causal_model: Any,
+    info: dict,
+) -> Task:
+    """A SmolLM2-shaped :class:`Task`: layer x position sites, three default stages, the LM settings.
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    model : torch.nn.Module
+        The language model.
+    variables : sequence of str
+        Variables to localise.
+    banks : mapping
+        ``{"fit", "calibration", "test"} -> PairBank``; the task's readout is the fit bank's.
+    layer_positions : sequence of int
+        Token positions of the single-stage sites and of the ``layer`` stage.
+    search_positions : sequence of int
+        Token positions the ``position`` stage searches.
+    causal_model : object
+        The high-level causal model.
+    info : dict
+        ``task.info``.
+
+    Returns
+    -------
+    Task
+        ``default_stages = [Stage("layer", positions=layer_positions), Stage("position",
+        positions=search_positions), Stage("coordinates", group_sizes=(64, 16))]`` and
+        ``compare_options =`` :data:`LM_COMPARE_OPTIONS`.
+    """
+    return Task(
+        name=name,
+        model=model,
+        variables=list(variables),
+        fit=banks["fit"],
+        calibration=banks["calibration"],
+        test=banks["test"],
+        sites=layer_sites(model, positions=layer_positions),
+        default_stages=[
+            Stage("layer", positions=layer_positions),
+            Stage("position", positions=search_positions),
+            Stage("coordinates", group_sizes=(64, 16)),
+        ],
+        readout=banks["fit"].readout,
+        causal_model=causal_model,
+        info=info,
+        compare_options=LM_COMPARE_OPTIONS,
+    )

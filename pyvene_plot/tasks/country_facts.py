@@ -92,15 +92,16 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import BankError
-from ..models import layer_sites
-from ..progressive import Stage
 from . import Task, register
 from ._lm import (
-    LM_COMPARE_OPTIONS,
     encode_prompts,
     filtered_lm_bank,
+    lm_bank_summary,
+    lm_task,
+    position_tokens,
     predict_argmax,
     single_token_ids,
+    split_candidate_pool,
 )
 
 logger = logging.getLogger(__name__)
@@ -307,6 +308,92 @@ def _positions(tok, countries: list[str]) -> dict[str, int]:
     return {"relation": rel[0], "country": cty[0], "last": len(a) - 1}
 
 
+def _candidate_table(countries: str, candidates: Mapping[str, tuple[str, str]] | None) -> dict:
+    """Validate ``countries`` and the candidates; ``{country: (capital, language)}`` as strings.
+
+    Raises
+    ------
+    BankError
+        On an unknown ``countries`` mode or a candidate that is also a few-shot demo country.
+    """
+    if countries not in ("known", "all"):
+        raise BankError(f"countries must be 'known' or 'all', got {countries!r}")
+    cand = {str(c): (str(v[0]), str(v[1])) for c, v in (CANDIDATES if candidates is None else candidates).items()}
+    clash = sorted(set(cand) & set(DEMO_COUNTRIES))
+    if clash:
+        raise BankError(f"{clash} appear in the few-shot prefix; they cannot be queried")
+    return cand
+
+
+def _probe_facts(model, tok, cand: Mapping[str, tuple[str, str]], batch_size: int) -> dict:
+    """Check single tokens, then ask the model both relations of every candidate country.
+
+    Returns
+    -------
+    dict
+        ``names`` (candidates, in order), ``cand_table`` (``{country: {relation: answer}}``),
+        ``cand_ids`` (answer -> token id), ``preds`` (``{relation: {country: decoded argmax}}``),
+        ``correct`` (``{relation: {country: bool}}``), ``accuracy`` (``{relation: share correct}``)
+        and ``known`` (countries answered correctly on both relations).
+    """
+    # single-token checks (raise with every offending word)
+    single_token_ids(tok, list(cand))
+    single_token_ids(tok, list(RELATIONS))
+    cand_table = {c: dict(zip(RELATIONS, v)) for c, v in cand.items()}
+    cand_answers = answer_list(cand_table)
+    cand_ids = dict(zip(cand_answers, single_token_ids(tok, cand_answers)))
+
+    # which facts does the model know? (full-vocabulary argmax on every candidate prompt)
+    names = list(cand)
+    preds, accuracy, correct = {}, {}, {}
+    for rel in RELATIONS:
+        prompts = [render({"C_in": c, "R_in": rel}) for c in names]
+        p = predict_argmax(model, encode_prompts(tok, prompts), batch_size).tolist()
+        preds[rel] = {c: tok.decode([t]) for c, t in zip(names, p)}
+        correct[rel] = {c: t == cand_ids[cand_table[c][rel]] for c, t in zip(names, p)}
+        accuracy[rel] = sum(correct[rel].values()) / len(names)
+    known = [c for c in names if all(correct[r][c] for r in RELATIONS)]
+    return {"names": names, "cand_table": cand_table, "cand_ids": cand_ids, "preds": preds,
+            "correct": correct, "accuracy": accuracy, "known": known}
+
+
+def _candidate_counts(wants: Mapping[str, int], oversample: float, countries: str,
+                      accuracy: Mapping[str, float]) -> dict[str, int]:
+    """Candidate pairs to draw per split: ``ceil(want * oversample) + 2``.
+
+    With ``countries="all"`` the oversampling is divided by the squared mean prompt accuracy
+    (floored at 0.05), since a pair survives only when both of its prompts are answered.
+    """
+    over = float(oversample)
+    if countries == "all":
+        acc = max(0.05, sum(accuracy.values()) / len(accuracy))
+        over = over / acc**2
+    return {k: math.ceil(v * over) + 2 for k, v in wants.items()}
+
+
+def _country_info(tok, probe: dict, countries: str, kept_countries: list[str], table: dict,
+                  answers: list[str], label_ids: list[int]) -> dict:
+    """The prompt, country and answer entries of ``task.info`` (in their order there)."""
+    names, preds, correct = probe["names"], probe["preds"], probe["correct"]
+    return {
+        "threads": torch.get_num_threads(),
+        "template": TEMPLATE,
+        "prefix": PREFIX,
+        "relations": list(RELATIONS),
+        "demo_countries": list(DEMO_COUNTRIES),
+        "countries_mode": countries,
+        "candidate_countries": names,
+        "candidate_accuracy": {r: round(a, 4) for r, a in probe["accuracy"].items()},
+        "candidate_predictions": {c: {r: preds[r][c] for r in RELATIONS} for c in names
+                                  if not all(correct[r][c] for r in RELATIONS)},
+        "known_countries": probe["known"],
+        "countries": kept_countries,
+        "table": {c: dict(v) for c, v in table.items()},
+        "answers": answers,
+        "answer_token_ids": list(label_ids),
+    }
+
+
 # ----------------------------------------------------------------------------- task
 def build_country_facts(seed: int = 0, n_fit: int = 200, n_calibration: int = 100, n_test: int = 100,
                         device: str = "cpu", countries: str = "known", oversample: float = 1.05,
@@ -341,56 +428,30 @@ def build_country_facts(seed: int = 0, n_fit: int = 200, n_calibration: int = 10
     """
     from ..models import load_smollm2
 
-    if countries not in ("known", "all"):
-        raise BankError(f"countries must be 'known' or 'all', got {countries!r}")
-    cand = {str(c): (str(v[0]), str(v[1])) for c, v in (CANDIDATES if candidates is None else candidates).items()}
-    clash = sorted(set(cand) & set(DEMO_COUNTRIES))
-    if clash:
-        raise BankError(f"{clash} appear in the few-shot prefix; they cannot be queried")
+    cand = _candidate_table(countries, candidates)
     t0 = time.perf_counter()
     model, tok = load_smollm2(device=device)
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    # single-token checks (raise with every offending word)
-    single_token_ids(tok, list(cand))
-    single_token_ids(tok, list(RELATIONS))
-    cand_table = {c: dict(zip(RELATIONS, v)) for c, v in cand.items()}
-    cand_answers = answer_list(cand_table)
-    cand_ids = dict(zip(cand_answers, single_token_ids(tok, cand_answers)))
-
-    # which facts does the model know? (full-vocabulary argmax on every candidate prompt)
-    names = list(cand)
-    preds, accuracy, correct = {}, {}, {}
-    for rel in RELATIONS:
-        prompts = [render({"C_in": c, "R_in": rel}) for c in names]
-        p = predict_argmax(model, encode_prompts(tok, prompts), batch_size).tolist()
-        preds[rel] = {c: tok.decode([t]) for c, t in zip(names, p)}
-        correct[rel] = {c: t == cand_ids[cand_table[c][rel]] for c, t in zip(names, p)}
-        accuracy[rel] = sum(correct[rel].values()) / len(names)
-    known = [c for c in names if all(correct[r][c] for r in RELATIONS)]
+    probe = _probe_facts(model, tok, cand, batch_size)
+    known, names = probe["known"], probe["names"]
     kept_countries = known if countries == "known" else names
     if len(kept_countries) < 3:
         raise BankError(f"the model knows both relations for only {known}; need at least 3 countries")
-    table = {c: cand_table[c] for c in kept_countries}
+    table = {c: probe["cand_table"][c] for c in kept_countries}
     answers = answer_list(table)
-    label_ids = [cand_ids[a] for a in answers]
+    label_ids = [probe["cand_ids"][a] for a in answers]
     cm = build_causal_model(table)
     positions = _positions(tok, kept_countries)
     probe_s = time.perf_counter() - t1
 
     wants = {"fit": int(n_fit), "calibration": int(n_calibration), "test": int(n_test)}
-    over = float(oversample)
-    if countries == "all":
-        acc = max(0.05, sum(accuracy.values()) / len(accuracy))
-        over = over / acc**2
-    n_cand = {k: math.ceil(v * over) + 2 for k, v in wants.items()}
+    n_cand = _candidate_counts(wants, oversample, countries, probe["accuracy"])
     pool = candidate_pairs(kept_countries, sum(n_cand.values()), seed=1000 + int(seed))
     t2 = time.perf_counter()
-    banks, lo = {}, 0
-    for split, want in wants.items():
-        part = pool[lo:lo + n_cand[split]]
-        lo += n_cand[split]
-        banks[split] = _build_bank(model, tok, cm, answers, label_ids, part, want, split, batch_size)
+    banks = {}
+    for split, part in split_candidate_pool(pool, n_cand).items():
+        banks[split] = _build_bank(model, tok, cm, answers, label_ids, part, wants[split], split, batch_size)
     bank_s = time.perf_counter() - t2
 
     example = tok(render(pool[0][0]), add_special_tokens=False).input_ids
@@ -401,50 +462,17 @@ def build_country_facts(seed: int = 0, n_fit: int = 200, n_calibration: int = 10
         "probe_seconds": round(probe_s, 2),
         "bank_seconds": round(bank_s, 2),
         "build_seconds": round(time.perf_counter() - t0, 2),
-        "threads": torch.get_num_threads(),
-        "template": TEMPLATE,
-        "prefix": PREFIX,
-        "relations": list(RELATIONS),
-        "demo_countries": list(DEMO_COUNTRIES),
-        "countries_mode": countries,
-        "candidate_countries": names,
-        "candidate_accuracy": {r: round(a, 4) for r, a in accuracy.items()},
-        "candidate_predictions": {c: {r: preds[r][c] for r in RELATIONS} for c in names
-                                  if not all(correct[r][c] for r in RELATIONS)},
-        "known_countries": known,
-        "countries": kept_countries,
-        "table": {c: dict(v) for c, v in table.items()},
-        "answers": answers,
-        "answer_token_ids": list(label_ids),
+        **_country_info(tok, probe, countries, kept_countries, table, answers, label_ids),
         "seq_len": len(example),
-        "positions": {k: {"index": p, "token_in_example": tok.decode([example[p]])} for k, p in positions.items()},
+        "positions": position_tokens(tok, example, positions),
         "example_prompt": render(pool[0][0]),
-        "banks": {k: {kk: b.meta[kk] for kk in ("n_candidates", "n_kept", "n_dropped", "n_base_wrong",
-                                                 "n_source_wrong", "n_requested", "n_used", "families",
-                                                 "n_changed")}
-                  for k, b in banks.items()},
+        "banks": lm_bank_summary(banks, extra_keys=("n_changed",)),
         "seed": int(seed),
     }
-    return Task(
-        name="country_facts",
-        model=model,
-        variables=["country", "attribute"],
-        fit=banks["fit"],
-        calibration=banks["calibration"],
-        test=banks["test"],
-        sites=layer_sites(model, positions=pos_sorted),
-        # Positions before the relation token are identical in every prompt (causal model, same
-        # prefix): interchanges there are no-ops, so the position stage searches the query only.
-        default_stages=[
-            Stage("layer", positions=pos_sorted),
-            Stage("position", positions=tuple(range(positions["relation"], len(example)))),
-            Stage("coordinates", group_sizes=(64, 16)),
-        ],
-        readout=banks["fit"].readout,
-        causal_model=cm,
-        info=info,
-        compare_options=LM_COMPARE_OPTIONS,
-    )
+    # Positions before the relation token are identical in every prompt (causal model, same
+    # prefix): interchanges there are no-ops, so the position stage searches the query only.
+    return lm_task("country_facts", model, ["country", "attribute"], banks, pos_sorted,
+                   tuple(range(positions["relation"], len(example))), cm, info)
 
 
 register("country_facts", build_country_facts)

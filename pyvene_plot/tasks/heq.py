@@ -48,18 +48,23 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from pyvene.data_generators.causal_model import CausalModel
-from pyvene.models.mlp.modelings_mlp import MLPConfig, MLPForClassification
 
 from ..data import PairBank
-from ..errors import ModelError
 from ..models import Readout, neuron_sites
 from ..progressive import Stage
 from . import Task, register
+from ._heq_training import (
+    EMBEDDING_DIM,
+    entity_vectors,
+    exhaustive_accuracy,
+    sample_balanced_rows,
+    train_heq_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +77,15 @@ __all__ = [
     "sample_balanced_rows",
     "exhaustive_accuracy",
     "train_heq_model",
+    "draw_heq_banks",
+    "heq_bank_info",
+    "heq_task",
     "build_heq_banks",
     "build_heq",
 ]
 
-EMBEDDING_DIM = 4
-"""Width of each entity vector; the model input is ``4 * EMBEDDING_DIM`` wide."""
-
 _INPUTS = ("W", "X", "Y", "Z")
-
+_VARIABLES = ("WX", "YZ")
 
 # ----------------------------------------------------------------------------- causal model
 def heq_causal_model(n_entities: int) -> CausalModel:
@@ -155,15 +160,6 @@ def balanced_sampler(n_entities: int) -> Callable[[random.Random], dict]:
 
 
 # ----------------------------------------------------------------------------- inputs
-def entity_vectors(n_entities: int, seed: int, dim: int = EMBEDDING_DIM) -> torch.Tensor:
-    """Fixed random entity vectors, ``uniform(-1, 1)^dim``, shape ``(n_entities, dim)``.
-
-    Drawn from a local generator seeded with ``seed`` (global RNG state is untouched).
-    """
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.rand(int(n_entities), int(dim), generator=g) * 2.0 - 1.0
-
-
 def make_to_model_inputs(vectors: torch.Tensor) -> Callable[[dict], torch.Tensor]:
     """``setting -> FloatTensor (1, 4*dim)``: the concatenated entity vectors of one input setting.
 
@@ -178,266 +174,78 @@ def make_to_model_inputs(vectors: torch.Tensor) -> Callable[[dict], torch.Tensor
     return to_model_inputs
 
 
-def sample_balanced_rows(
-    n_entities: int, n: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vectorised balanced sampling of ``n`` input tuples.
+# ----------------------------------------------------------------------------- banks
+def draw_heq_banks(
+    causal_model: CausalModel,
+    to_model_inputs: Callable[[dict], torch.Tensor],
+    sizes: Sequence[int],
+    seed: int,
+) -> tuple[PairBank, tuple[PairBank, PairBank, PairBank]]:
+    """Draw one balanced ``WX``/``YZ`` bank and split it into fit / calibration / test.
 
-    Returns
-    -------
-    ids : LongTensor, shape (n, 4)
-        Columns ``W, X, Y, Z``.
-    labels : LongTensor, shape (n,)
-        ``int([W == X] == [Y == Z])``.
-    """
-    ne = int(n_entities)
-    cols = []
-    eqs = []
-    for _ in range(2):
-        a = torch.randint(ne, (n,), generator=generator)
-        eq = torch.rand(n, generator=generator) < 0.5
-        off = torch.randint(1, ne, (n,), generator=generator)
-        b = torch.where(eq, a, (a + off) % ne)
-        cols += [a, b]
-        eqs.append(eq)
-    ids = torch.stack(cols, 1)
-    labels = (eqs[0] == eqs[1]).long()
-    return ids, labels
-
-
-def _embed(vectors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``(n, 4)`` ids -> ``(n, 1, 4*dim)`` float inputs."""
-    return vectors[ids].reshape(ids.shape[0], -1).unsqueeze(1)
-
-
-def exhaustive_accuracy(
-    model: torch.nn.Module, vectors: torch.Tensor, max_tuples: int = 2_000_000
-) -> dict | None:
-    """Accuracy on every input tuple, per ``(WX, YZ)`` stratum, or None if there are too many.
-
-    Returns
-    -------
-    dict or None
-        ``{"WX=0,YZ=0": acc, ..., "balanced": mean of the four, "min": worst stratum}``.
-    """
-    n = int(vectors.shape[0])
-    if n**4 > max_tuples:
-        return None
-    pairs = torch.cartesian_prod(torch.arange(n), torch.arange(n))
-    eq = pairs[:, 0] == pairs[:, 1]
-    out: dict[str, float] = {}
-    for wx in (False, True):
-        for yz in (False, True):
-            p1, p2 = pairs[eq == wx], pairs[eq == yz]
-            idx = torch.cartesian_prod(torch.arange(len(p1)), torch.arange(len(p2)))
-            ids = torch.cat([p1[idx[:, 0]], p2[idx[:, 1]]], 1)
-            y = torch.full((ids.shape[0],), int(wx == yz), dtype=torch.long)
-            out[f"WX={int(wx)},YZ={int(yz)}"] = _accuracy(model, _embed(vectors, ids), y)
-    accs = list(out.values())
-    out["balanced"] = sum(accs) / len(accs)
-    out["min"] = min(accs)
-    return out
-
-
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> float:
-    correct = 0
-    for i in range(0, x.shape[0], batch):
-        logits = model(inputs_embeds=x[i : i + batch])[0]
-        correct += int((logits.argmax(-1) == y[i : i + batch]).sum())
-    return correct / max(1, x.shape[0])
-
-
-# ----------------------------------------------------------------------------- training
-def _new_model(init_seed: int, dim: int) -> MLPForClassification:
-    config = MLPConfig(
-        h_dim=dim, n_layer=3, num_classes=2, activation_function="relu", pdrop=0.0, include_bias=True
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(init_seed))
-        model = MLPForClassification(config)
-        # pyvene's post_init uses std=0.02, which stalls this 4-layer ReLU net at 50 % for some seeds.
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.reset_parameters()
-    return model
-
-
-def train_heq_model(
-    seed: int = 0,
-    n_entities: int = 20,
-    steps: int = 2000,
-    batch_size: int = 512,
-    lr: float = 5e-3,
-    n_heldout: int = 10_000,
-    min_accuracy: float = 0.99,
-    max_attempts: int = 3,
-    vectors: torch.Tensor | None = None,
-    num_threads: int | None = 1,
-    l1: float = 1e-3,
-    l1_start: float = 1 / 3,
-) -> tuple[MLPForClassification, dict]:
-    """Train the HEQ network (``MLPForClassification``, 16-16-16 ReLU, 2 classes) on CPU.
+    Shared by the HEQ and planted tasks. Bases and sources are drawn independently with
+    :func:`balanced_sampler` over the causal model's ``W`` values; :meth:`PairBank.from_causal_model`
+    reserves a third of the pairs for each variable in which interchanging it changes the output.
+    Bank seed ``seed + 201``, split seed ``seed + 301``; every split's ``meta`` records the seeds
+    and the sampler.
 
     Parameters
     ----------
+    causal_model : CausalModel
+        An HEQ causal model (:func:`heq_causal_model`).
+    to_model_inputs : callable
+        ``setting -> Tensor`` of one example's model input.
+    sizes : sequence of 3 int
+        Requested fit, calibration and test sizes (the split may round).
     seed : int
-        Seeds the entity vectors (``seed``), the held-out set (``seed + 2``), the training stream
-        (``seed + 1 + 100 * attempt``) and the initialisation (``seed + 1000 * attempt``).
-    n_entities : int
-        Number of entity ids.
-    steps, batch_size, lr : int, int, float
-        Adam with a cosine learning-rate decay over ``steps`` mini-batches of fresh balanced draws.
-    n_heldout : int
-        Size of the held-out factual set (independent balanced draws, seed ``seed + 2``).
-    min_accuracy : float
-        Required held-out accuracy; below it the model is retrained with twice the steps.
-    max_attempts : int
-        Training attempts before giving up with :class:`ModelError`.
-    vectors : Tensor, optional
-        Entity vectors ``(n_entities, 4)``; default :func:`entity_vectors` ``(n_entities, seed)``.
-    num_threads : int or None, default 1
-        torch intra-op threads while training (restored afterwards). The network is tiny, so one
-        thread is fastest; more threads mostly add synchronisation cost on a busy machine.
-        None keeps the current setting.
-    l1 : float, default 1e-3
-        Weight of an L1 penalty on the hidden layers' weights (layers 0 and 1), switched on after
-        ``l1_start`` of the steps (a pruning phase once the task is learned; from step 0 it
-        collapses training). 0 trains the plain network.
-    l1_start : float
-        Fraction of the steps before the penalty starts.
+        Task seed.
 
     Returns
     -------
-    model : MLPForClassification
-        In eval mode, every parameter with ``requires_grad=False``.
-    info : dict
-        ``train_accuracy`` (10,000 further draws from the training distribution),
-        ``heldout_accuracy``, ``train_seconds`` (all attempts), ``attempts``, ``steps`` (of the
-        kept attempt), seeds and sizes.
-
-    Raises
-    ------
-    ModelError
-        If no attempt reaches ``min_accuracy`` on the held-out set.
+    bank : PairBank
+        The whole drawn bank (``sum(sizes)`` pairs, name ``"all"``).
+    splits : tuple of 3 PairBank
+        ``fit``, ``calibration``, ``test``.
     """
-    seed = int(seed)
-    n_entities = int(n_entities)
-    if vectors is None:
-        vectors = entity_vectors(n_entities, seed)
-    vectors = vectors.float()
-    dim = vectors.shape[1] * 4
-    heldout_ids, heldout_y = sample_balanced_rows(
-        n_entities, n_heldout, torch.Generator().manual_seed(seed + 2)
+    n_entities = len(causal_model.values["W"])
+    total = sum(sizes)
+    bank = PairBank.from_causal_model(
+        causal_model,
+        to_model_inputs,
+        n=total,
+        variables=list(_VARIABLES),
+        seed=int(seed) + 201,
+        sampler=balanced_sampler(n_entities),
+        balance=True,
+        name="all",
     )
-    heldout_x = _embed(vectors, heldout_ids)
+    fit, cal, test = bank.split([s / total for s in sizes], seed=int(seed) + 301,
+                                names=["fit", "calibration", "test"])
+    for part in (fit, cal, test):
+        part.meta.update({"task_seed": int(seed), "split_seed": int(seed) + 301, "sampler": "balanced"})
+    return bank, (fit, cal, test)
 
-    prev_threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(int(num_threads))
-    try:
-        model, history, total = _train_attempts(
-            seed, n_entities, vectors, dim, steps, batch_size, lr, min_accuracy, max_attempts,
-            heldout_x, heldout_y, l1=l1, l1_start=l1_start,
-        )
-    finally:
-        torch.set_num_threads(prev_threads)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    info = {
-        "train_accuracy": history[-1]["train_accuracy"],
-        "heldout_accuracy": history[-1]["heldout_accuracy"],
-        "train_seconds": total,
-        "attempts": len(history),
-        "steps": history[-1]["steps"],
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "optimizer": "Adam + cosine decay",
-        "l1": float(l1),
-        "l1_start": float(l1_start),
-        "init_seed": history[-1]["init_seed"],
-        "data_seed": history[-1]["data_seed"],
-        "heldout_seed": seed + 2,
-        "n_heldout": int(n_heldout),
-        "exhaustive_accuracy": exhaustive_accuracy(model, vectors),
-        "n_entities": n_entities,
-        "embedding_dim": int(vectors.shape[1]),
-        "num_threads": num_threads,
-        "training_history": history,
+
+def heq_bank_info(seed: int, banks: Sequence[PairBank]) -> dict[str, Any]:
+    """``task.info`` entries describing banks drawn by :func:`draw_heq_banks`.
+
+    Returns
+    -------
+    dict
+        ``bank_seed``, ``split_seed``, ``bank_sizes`` (``{name: len}``) and ``changed_fraction``
+        (``{name: {variable: share of pairs whose output the interchange changes}}``).
+    """
+    return {
+        "bank_seed": int(seed) + 201,
+        "split_seed": int(seed) + 301,
+        "bank_sizes": {b.name: len(b) for b in banks},
+        "changed_fraction": {
+            b.name: {v: float(b.changed(v).float().mean()) for v in _VARIABLES}
+            for b in banks
+        },
     }
-    return model, info
 
 
-def _train_attempts(
-    seed: int,
-    n_entities: int,
-    vectors: torch.Tensor,
-    dim: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    min_accuracy: float,
-    max_attempts: int,
-    heldout_x: torch.Tensor,
-    heldout_y: torch.Tensor,
-    l1: float = 0.0,
-    l1_start: float = 1 / 3,
-) -> tuple[MLPForClassification, list[dict], float]:
-    """The retry loop of :func:`train_heq_model`: returns (model, per-attempt history, seconds)."""
-    t_start = time.perf_counter()
-    history: list[dict] = []
-    for attempt in range(int(max_attempts)):
-        n_steps = int(steps) * (2**attempt)
-        init_seed = seed + 1000 * attempt
-        data_seed = seed + 1 + 100 * attempt
-        model = _new_model(init_seed, dim)
-        model.train()
-        g = torch.Generator().manual_seed(data_seed)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps)
-        t0 = time.perf_counter()
-        for step in range(n_steps):
-            ids, y = sample_balanced_rows(n_entities, batch_size, g)
-            logits = model(inputs_embeds=_embed(vectors, ids))[0]
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            total = loss
-            if l1 > 0 and step >= int(l1_start * n_steps):
-                total = loss + l1 * sum(b.ff1.weight.abs().sum() for b in model.mlp.h[:2])
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
-        model.eval()
-        seconds = time.perf_counter() - t0
-        held = _accuracy(model, heldout_x, heldout_y)
-        tr_ids, tr_y = sample_balanced_rows(n_entities, 10_000, g)
-        train_acc = _accuracy(model, _embed(vectors, tr_ids), tr_y)
-        history.append(
-            {"attempt": attempt, "steps": n_steps, "init_seed": init_seed, "data_seed": data_seed,
-             "train_accuracy": train_acc, "heldout_accuracy": held, "seconds": seconds,
-             "final_loss": float(loss.detach())}
-        )
-        logger.info(
-            "HEQ seed %d attempt %d: %d steps, %.1fs, train acc %.4f, held-out acc %.4f",
-            seed, attempt, n_steps, seconds, train_acc, held,
-        )
-        if held >= min_accuracy:
-            break
-        logger.warning(
-            "HEQ seed %d attempt %d reached held-out accuracy %.4f < %.2f; retraining with %d steps",
-            seed, attempt, held, min_accuracy, 2 * n_steps,
-        )
-    else:
-        raise ModelError(
-            f"HEQ model for seed {seed} did not reach held-out accuracy {min_accuracy} in "
-            f"{max_attempts} attempts (best {max(h['heldout_accuracy'] for h in history):.4f}); "
-            "raise steps= or max_attempts=, or use fewer entities"
-        )
-    return model, history, time.perf_counter() - t_start
-
-
-# ----------------------------------------------------------------------------- banks
 def build_heq_banks(
     causal_model: CausalModel,
     vectors: torch.Tensor,
@@ -452,26 +260,12 @@ def build_heq_banks(
     :meth:`PairBank.from_causal_model` reserves a third of the pairs for each variable in which
     interchanging it changes the output. Bank seed ``seed + 201``, split seed ``seed + 301``.
     """
-    n_entities = len(causal_model.values["W"])
     sizes = [int(n_fit), int(n_calibration), int(n_test)]
     total = sum(sizes)
-    bank = PairBank.from_causal_model(
-        causal_model,
-        make_to_model_inputs(vectors),
-        n=total,
-        variables=["WX", "YZ"],
-        seed=int(seed) + 201,
-        sampler=balanced_sampler(n_entities),
-        balance=True,
-        name="all",
-    )
-    fit, cal, test = bank.split([s / total for s in sizes], seed=int(seed) + 301,
-                                names=["fit", "calibration", "test"])
+    bank, (fit, cal, test) = draw_heq_banks(causal_model, make_to_model_inputs(vectors), sizes, seed)
     if [len(fit), len(cal), len(test)] != sizes:
         raise RuntimeError(f"bank split sizes {[len(fit), len(cal), len(test)]} != requested {sizes}")
     settings = getattr(bank, "settings", None)
-    for part in (fit, cal, test):
-        part.meta.update({"task_seed": int(seed), "split_seed": int(seed) + 301, "sampler": "balanced"})
     if settings is not None:
         # keep the abstract input settings with each split (same permutation as split())
         g = torch.Generator().manual_seed(int(seed) + 301)
@@ -491,6 +285,35 @@ def build_heq_banks(
                 continue
             part.settings = (base_s, src_s)  # type: ignore[attr-defined]
     return fit, cal, test
+
+
+def heq_task(
+    name: str,
+    model: torch.nn.Module,
+    banks: Sequence[PairBank],
+    causal_model: CausalModel,
+    info: dict,
+) -> Task:
+    """An HEQ-shaped :class:`Task` (shared by the HEQ and planted tasks).
+
+    ``variables = ["WX", "YZ"]``; ``sites`` = every single neuron of layers 0-2 of the pyvene MLP;
+    ``default_stages = [Stage("layer"), Stage("coordinates", group_sizes=(4, 1))]``; the default
+    :class:`Readout`. ``banks`` are the fit, calibration and test banks, in that order.
+    """
+    fit, cal, test = banks
+    return Task(
+        name=name,
+        model=model,
+        variables=list(_VARIABLES),
+        fit=fit,
+        calibration=cal,
+        test=test,
+        sites=neuron_sites(model, layers=[0, 1, 2]),
+        default_stages=[Stage("layer"), Stage("coordinates", group_sizes=(4, 1))],
+        readout=Readout(),
+        causal_model=causal_model,
+        info=info,
+    )
 
 
 # ----------------------------------------------------------------------------- task
@@ -541,29 +364,11 @@ def build_heq(
             "embedding_seed": seed,
             "entity_vectors": vectors.tolist(),
             "bank_seconds": bank_seconds,
-            "bank_seed": seed + 201,
-            "split_seed": seed + 301,
-            "bank_sizes": {b.name: len(b) for b in (fit, cal, test)},
-            "changed_fraction": {
-                b.name: {v: float(b.changed(v).float().mean()) for v in ("WX", "YZ")}
-                for b in (fit, cal, test)
-            },
+            **heq_bank_info(seed, (fit, cal, test)),
             "input": "inputs_embeds (N, 1, 16): concatenated entity vectors of W, X, Y, Z",
         }
     )
-    task = Task(
-        name="heq",
-        model=model,
-        variables=["WX", "YZ"],
-        fit=fit,
-        calibration=cal,
-        test=test,
-        sites=neuron_sites(model, layers=[0, 1, 2]),
-        default_stages=[Stage("layer"), Stage("coordinates", group_sizes=(4, 1))],
-        readout=Readout(),
-        causal_model=cm,
-        info=info,
-    )
+    task = heq_task("heq", model, (fit, cal, test), cm, info)
     logger.info(
         "built HEQ task seed %d: held-out acc %.4f, %.1fs training, banks %s",
         seed, info["heldout_accuracy"], info["train_seconds"], info["bank_sizes"],

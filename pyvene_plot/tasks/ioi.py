@@ -105,10 +105,16 @@ import time
 import torch
 
 from ..errors import BankError
-from ..models import layer_sites
-from ..progressive import Stage
 from . import Task, register
-from ._lm import LM_COMPARE_OPTIONS, filtered_lm_bank, single_token_ids
+from ._lm import (  # LM_COMPARE_OPTIONS stays readable as ioi.LM_COMPARE_OPTIONS (tests use it)
+    LM_COMPARE_OPTIONS,  # noqa: F401
+    filtered_lm_bank,
+    lm_bank_summary,
+    lm_task,
+    position_tokens,
+    single_token_ids,
+    split_candidate_pool,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -327,11 +333,9 @@ def build_ioi(seed: int = 0, n_fit: int = 200, n_calibration: int = 100, n_test:
     n_cand = {k: math.ceil(v * oversample) + 4 for k, v in wants.items()}
     pool = candidate_pairs(sum(n_cand.values()), seed=1000 + int(seed))
     t1 = time.perf_counter()
-    banks, lo = {}, 0
-    for split, want in wants.items():
-        part = pool[lo:lo + n_cand[split]]
-        lo += n_cand[split]
-        banks[split] = _build_bank(model, tok, cm, part, want, name_ids, split, batch_size)
+    banks = {}
+    for split, part in split_candidate_pool(pool, n_cand).items():
+        banks[split] = _build_bank(model, tok, cm, part, wants[split], name_ids, split, batch_size)
     filter_s = time.perf_counter() - t1
 
     example = tok(render(pool[0][0]), add_special_tokens=False).input_ids
@@ -350,34 +354,16 @@ def build_ioi(seed: int = 0, n_fit: int = 200, n_calibration: int = 100, n_test:
         "objects": list(OBJECTS),
         "families": list(FAMILIES),
         "seq_len": len(example),
-        "positions": {k: {"index": p, "token_in_example": tok.decode([example[p]])} for k, p in POSITIONS.items()},
+        "positions": position_tokens(tok, example, POSITIONS),
         "example_prompt": render(pool[0][0]),
         "prompt_accuracy": 1.0 - sum(b.meta["n_base_wrong"] + b.meta["n_source_wrong"] for b in banks.values())
         / (2 * n_cand_all),
-        "banks": {k: {kk: b.meta[kk] for kk in ("n_candidates", "n_kept", "n_dropped", "n_base_wrong",
-                                                 "n_source_wrong", "n_requested", "n_used", "families")}
-                  for k, b in banks.items()},
+        "banks": lm_bank_summary(banks),
         "seed": int(seed),
     }
     positions = tuple(sorted(POSITIONS.values()))
-    return Task(
-        name="ioi",
-        model=model,
-        variables=["output_token", "output_position"],
-        fit=banks["fit"],
-        calibration=banks["calibration"],
-        test=banks["test"],
-        sites=layer_sites(model, positions=positions),
-        default_stages=[
-            Stage("layer", positions=positions),
-            Stage("position", positions=tuple(range(len(example)))),
-            Stage("coordinates", group_sizes=(64, 16)),
-        ],
-        readout=banks["fit"].readout,
-        causal_model=cm,
-        info=info,
-        compare_options=LM_COMPARE_OPTIONS,
-    )
+    return lm_task("ioi", model, ["output_token", "output_position"], banks, positions,
+                   tuple(range(len(example))), cm, info)
 
 
 register("ioi", build_ioi)

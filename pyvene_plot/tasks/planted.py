@@ -48,10 +48,9 @@ from pyvene.models.mlp.modelings_mlp import MLPConfig, MLPForClassification
 
 from ..data import PairBank
 from ..errors import ModelError
-from ..models import Readout, Site, neuron_sites
-from ..progressive import Stage
+from ..models import Site
 from . import Task, register
-from .heq import balanced_sampler, heq_causal_model
+from .heq import draw_heq_banks, heq_bank_info, heq_causal_model, heq_task
 
 logger = logging.getLogger(__name__)
 
@@ -238,50 +237,18 @@ def build_planted(
     model = planted_model()
     cm = heq_causal_model(PLANTED_ENTITIES)
     sizes = [int(n_fit), int(n_calibration), int(n_test)]
-    total = sum(sizes)
-    bank = PairBank.from_causal_model(
-        cm,
-        planted_inputs,
-        n=total,
-        variables=["WX", "YZ"],
-        seed=seed + 201,
-        sampler=balanced_sampler(PLANTED_ENTITIES),
-        balance=True,
-        name="all",
-    )
-    fit, cal, test = bank.split([s / total for s in sizes], seed=seed + 301,
-                                names=["fit", "calibration", "test"])
-    for part in (fit, cal, test):
-        part.meta.update({"task_seed": seed, "split_seed": seed + 301, "sampler": "balanced"})
+    _, (fit, cal, test) = draw_heq_banks(cm, planted_inputs, sizes, seed)
     checks = _check_planted(model, (fit, cal, test))
     info = {
         **planted_carriers(),
         **checks,
         "n_entities": PLANTED_ENTITIES,
-        "bank_seed": seed + 201,
-        "split_seed": seed + 301,
-        "bank_sizes": {b.name: len(b) for b in (fit, cal, test)},
-        "changed_fraction": {
-            b.name: {v: float(b.changed(v).float().mean()) for v in ("WX", "YZ")}
-            for b in (fit, cal, test)
-        },
+        **heq_bank_info(seed, (fit, cal, test)),
         "input": "inputs_embeds (N, 1, 8) = [w, x, y, z, 0, 0, 0, 0], entities 0..4",
         "trained": False,
     }
     logger.info("built planted task seed %d: banks %s", seed, info["bank_sizes"])
-    return Task(
-        name="planted",
-        model=model,
-        variables=["WX", "YZ"],
-        fit=fit,
-        calibration=cal,
-        test=test,
-        sites=neuron_sites(model, layers=[0, 1, 2]),
-        default_stages=[Stage("layer"), Stage("coordinates", group_sizes=(4, 1))],
-        readout=Readout(),
-        causal_model=cm,
-        info=info,
-    )
+    return heq_task("planted", model, (fit, cal, test), cm, info)
 
 
 register("planted", build_planted)
