@@ -251,16 +251,18 @@ def _localization_rows(task, plan: _Plan, loc, loc_s: float) -> list[dict]:
         rows += _method_rows("best_site", variables, r0.evaluate_baseline(task.test, detail=True),
                              _share(loc, r0.diagnostics["signature_runtime_s"], loc_s), len(r0.sites), 0,
                              {v: r0.baseline[v].sites[0].label for v in variables})
+    # the handles in effect after a stage (a refinement that did not beat the stage before on
+    # calibration leaves the earlier handle in effect; see ProgressiveScheduler(compete=True))
     if "plot" in plan.methods:
-        r = loc.stages[n - 1]
-        rows += _method_rows("plot", variables, r.evaluate(task.test, detail=True),
+        handles = loc.kept_handles(n - 1)
+        rows += _method_rows("plot", variables, loc.evaluate(task.test, stage=n - 1, detail=True),
                              _share(loc, loc.runtime_until(n), loc_s), sum(len(x.sites) for x in loc.stages[:n]), 0,
-                             {v: "; ".join(s.label for s in r.handles[v].sites) for v in variables})
+                             {v: "; ".join(s.label for s in handles[v].sites) for v in variables})
     if "plot_refined" in plan.methods:
-        r = loc.final
-        rows += _method_rows("plot_refined", variables, r.evaluate(task.test, detail=True), loc_s,
+        handles = loc.handles
+        rows += _method_rows("plot_refined", variables, loc.evaluate(task.test, detail=True), loc_s,
                              loc.n_sites_evaluated(), 0,
-                             {v: "; ".join(s.label for s in r.handles[v].sites) for v in variables})
+                             {v: "; ".join(s.label for s in handles[v].sites) for v in variables})
     return rows
 
 

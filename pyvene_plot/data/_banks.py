@@ -5,18 +5,25 @@ high-level causal model predicts when ``Z`` is interchanged from the source into
 (``counterfactual_labels[Z]``), next to the label on the base itself (``base_labels``). Everything
 downstream (signatures, calibration, evaluation, DAS) reads banks, so they are validated on
 construction: equal ``N`` everywhere, integer labels in range, at least one variable.
+
+A bank may also carry a per-pair **family** (the kind of counterfactual: e.g. which variables
+differ between base and source, or a task's own source families such as one-bit flips). Families
+are metadata only: no label or input depends on them. They are stored as ``bank.family``, a list
+of ``N`` str (``None`` when the bank has none); ``bank.families`` is their fixed order (sorted
+distinct labels), the block order of the ``family_mean`` signature.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import BankError
+from ._families import check_family, derive_families
 from ._inputs import Inputs, index_inputs, inputs_len, inputs_to, same_structure
 
 logger = logging.getLogger(__name__)
@@ -59,11 +66,16 @@ class PairBank:
     readout : Readout, optional
         How the model's outputs become the classes these labels index. Searchers and DAS use it
         when they are not given a readout (tasks set it on their banks).
+    family : sequence of hashable, length N, optional
+        The family (kind of counterfactual) of each pair, e.g. ``"WX+YZ"`` or ``"flip_A0"``. Stored
+        as ``bank.family``, a list of str; kept by :meth:`subset`, :meth:`split`, :meth:`to` and
+        :meth:`select_variables`; needed by the ``family_mean`` signature.
 
     Raises
     ------
     BankError
-        On empty banks, mismatched lengths, missing variables or labels out of range.
+        On empty banks, mismatched lengths, missing variables, labels out of range, or a family
+        whose length is not N.
     """
 
     def __init__(
@@ -76,6 +88,7 @@ class PairBank:
         num_classes: int | None = None,
         meta: dict | None = None,
         readout: Any = None,
+        family: Sequence[Hashable] | Any = None,
     ) -> None:
         self.name = str(name)
         self.readout = readout
@@ -131,6 +144,7 @@ class PairBank:
         self.counterfactual_labels = cf
         self.num_classes = num_classes
         self.meta = dict(meta or {})
+        self.family = check_family(family, n_base, self.name)
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -163,24 +177,43 @@ class PairBank:
         self.check_variables([variable])
         return self.counterfactual_labels[variable]
 
+    @property
+    def families(self) -> list[str]:
+        """Distinct family labels in their fixed (sorted) order; ``[]`` when the bank has none."""
+        return sorted(set(self.family)) if self.family is not None else []
+
+    def family_counts(self) -> dict[str, int]:
+        """Pairs per family, in :attr:`families` order; ``{}`` when the bank has none."""
+        if self.family is None:
+            return {}
+        counts = {f: 0 for f in self.families}
+        for f in self.family:
+            counts[f] += 1
+        return counts
+
     def max_label(self) -> int:
         """Largest label anywhere in the bank."""
         return int(torch.cat([self.base_labels, *self.counterfactual_labels.values()]).max())
 
     def summary(self) -> dict:
-        """Counts for reports: N, changed pairs per variable, provenance."""
-        return {
+        """Counts for reports: N, changed pairs per variable, provenance, and pairs per family
+        (``family_counts``, only when the bank has families)."""
+        out = {
             "name": self.name,
             "n": len(self),
             "variables": self.variables,
             "n_changed": {v: int(self.changed(v).sum()) for v in self.variables},
             "meta": {k: v for k, v in self.meta.items() if isinstance(v, (int, float, str, dict, list))},
         }
+        if self.family is not None:
+            out["family_counts"] = self.family_counts()
+        return out
 
     # ---------------------------------------------------------------- selection
     def subset(self, idx: torch.Tensor | Sequence[int], name: str | None = None) -> "PairBank":
-        """A new bank with the rows ``idx``."""
+        """A new bank with the rows ``idx`` (families follow their pairs)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
+        family = None if self.family is None else [self.family[i] for i in idx.tolist()]
         return PairBank(
             index_inputs(self.base, idx),
             index_inputs(self.source, idx),
@@ -190,6 +223,7 @@ class PairBank:
             num_classes=self.num_classes,
             meta=dict(self.meta),
             readout=self.readout,
+            family=family,
         )
 
     def select_variables(self, variables: Sequence[str]) -> "PairBank":
@@ -199,6 +233,7 @@ class PairBank:
             self.base, self.source, self.base_labels,
             {v: self.counterfactual_labels[v] for v in variables},
             name=self.name, num_classes=self.num_classes, meta=dict(self.meta), readout=self.readout,
+            family=self.family,
         )
 
     def split(
@@ -248,7 +283,7 @@ class PairBank:
         """A copy with inputs moved to ``device`` (labels stay on CPU)."""
         out = PairBank(inputs_to(self.base, device), inputs_to(self.source, device), self.base_labels,
                        self.counterfactual_labels, name=self.name, num_classes=self.num_classes, meta=self.meta,
-                       readout=self.readout)
+                       readout=self.readout, family=self.family)
         return out
 
     # --------------------------------------------------------- causal models
@@ -267,6 +302,7 @@ class PairBank:
         balance: bool = True,
         max_tries: int = 2000,
         name: str = "bank",
+        family: bool | Callable[[dict, dict], Hashable] = True,
     ) -> "PairBank":
         """Sample (base, source) pairs from a pyvene ``CausalModel`` and label them.
 
@@ -302,6 +338,13 @@ class PairBank:
             Rejection-sampling budget per reserved pair.
         name : str
             Bank name.
+        family : bool or callable, default True
+            Per-pair families (:attr:`family`). ``True``: derived from the causal model, the
+            labelled ``variables`` whose value differs between base and source, joined by ``"+"`` in
+            ``variables`` order (e.g. ``"WX+YZ"``, ``"WX"``), or ``"none"``. A callable
+            ``family_fn(base_setting, source_setting) -> label`` sets them instead; ``False``
+            builds a bank without families. Families never change the sampled pairs or labels
+            (they are computed after sampling, without the sampling RNG).
         """
         if n <= 0:
             raise BankError(f"n must be positive to build a bank, got n={n}")
@@ -333,7 +376,11 @@ class PairBank:
         sampling = "pair_sampler" if pair_sampler is not None else ("sampler" if sampler is not None else "uniform")
         meta = {"built_from": "causal_model", "seed": int(seed), "sampling": sampling, "balance": bool(balance),
                 "reserved_per_variable": quota, "draws": tries_total, "output_var": output_var}
-        bank = cls(base_inputs, source_inputs, base_labels, cf, name=name, num_classes=len(out_values), meta=meta)
+        fam = derive_families(cm, rows, variables, family)
+        if fam is not None:
+            meta["family"] = "custom" if callable(family) else "differing_variables"
+        bank = cls(base_inputs, source_inputs, base_labels, cf, name=name, num_classes=len(out_values), meta=meta,
+                   family=fam)
         bank.settings = ([r[0] for r in rows], [r[1] for r in rows])  # type: ignore[attr-defined]
         logger.info("built %r", bank)
         return bank

@@ -234,7 +234,8 @@ def baseline_handles(
 ) -> dict[str, Handle]:
     """The free baseline: per variable, the allowed site with the best full-swap score on the fit bank.
 
-    ``full_swap[v][rule]`` holds one score per site (shape (S,)); NaN scores count as -1.
+    ``full_swap[v][rule]`` holds one score per site (shape (S,)); NaN scores count as -1. Exact ties
+    go to the earlier site (the first maximum).
     """
     baseline = {}
     for v in variables:
@@ -301,6 +302,9 @@ def fit_diagnostics(
         "solve_runtime_s": timings["solve_runtime_s"],
         "calibration_runtime_s": timings["calibration_runtime_s"],
         "cost_range": selected["cost_range"],
+        "cost_spread": selected.get("cost_spread"),
+        "epsilon_scale": selected.get("epsilon_scale"),
+        "row_contrast": selected.get("row_contrast"),
         **{k: grids[k] for k in ("signature_grid", "normalize_grid", "epsilon_grid", "beta_grid", "top_k_grid",
                                  "lambda_grid")},
         "site_magnitude": variant.magnitude.tolist(),
@@ -320,6 +324,7 @@ def calibrate_plan(
     cache: BankCache,
     weight_norm: str,
     selection: str,
+    tiebreak: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, Candidate], dict[str, list[Candidate]]]:
     """Score every (top-k, λ) truncation of each coupling row on the calibration bank and select one.
 
@@ -334,6 +339,9 @@ def calibrate_plan(
     weight_norm : {"sum", "max"}
     selection : str
         Rule of :func:`select`.
+    tiebreak : dict of str to ndarray, shape (S,), optional
+        Per variable, the score that orders (near-)tied coupling entries (higher first; then the
+        earlier site), see :func:`truncate_row`. The searcher passes the fit-bank full-swap score.
 
     Returns
     -------
@@ -348,7 +356,8 @@ def calibrate_plan(
         seen = set()
         lst = []
         for k in setup.k_grid:
-            idx, w = truncate_row(P[r], k, weight_norm, None if allowed is None else allowed.get(v))
+            idx, w = truncate_row(P[r], k, weight_norm, None if allowed is None else allowed.get(v),
+                                  None if tiebreak is None else tiebreak[v])
             key = (tuple(idx), tuple(np.round(w, 12)))
             if key in seen:
                 continue

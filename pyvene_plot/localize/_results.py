@@ -22,6 +22,7 @@ from .._utils import (
 from ..data import PairBank
 from ..errors import PlotError
 from ..models import Site
+from ._calibration import rank_sites
 from ._handles import Handle
 
 logger = logging.getLogger(__name__)
@@ -59,11 +60,14 @@ class AlignmentResult:
         Wall time of the whole fit: signatures, every solve of the sweep, every calibration.
     method, epsilon, beta, signature : selected configuration.
     trials : list of dict
-        Every (ε, β) configuration tried, with calibration scores, solver diagnostics or the failure reason.
+        Every (ε, β) configuration tried, with calibration scores, solver diagnostics (including each
+        row's contrast) or the failure reason.
     calibration : dict
         Per variable: chosen k, λ, kept sites with weights, calibration scores of every candidate.
     diagnostics : dict
-        Signature magnitudes, floored sites, full-swap scores on the fit bank, timings, bank summaries.
+        Signature magnitudes, floored sites, full-swap scores on the fit bank, timings, bank summaries,
+        the cost's range and spread and the selected plan's ``row_contrast`` (per variable:
+        normalised ``entropy`` and ``max_over_median`` weight of its coupling row).
     config : dict
         The searcher's parameters.
     """
@@ -100,9 +104,17 @@ class AlignmentResult:
         return self.variables.index(variable)
 
     def ranking(self, variable: str) -> list[Site]:
-        """Sites by coupling mass for ``variable``, most first (ties: earlier site first)."""
+        """Sites by coupling mass for ``variable``, most first.
+
+        Entries equal within a relative 1e-9 are ordered as calibration orders them
+        (:func:`rank_sites`): better fit-bank full-swap score under the selection rule first (when
+        the diagnostics hold it), then the earlier site.
+        """
         row = self.coupling[self._row(variable)]
-        return [self.sites[i] for i in np.argsort(-row, kind="stable")]
+        rule = self.config.get("selection", "balanced")
+        tb = self.diagnostics.get("fit_full_swap", {}).get(variable, {}).get(rule)
+        tb = None if tb is None or len(tb) != row.shape[0] else np.asarray(tb, dtype=np.float64)
+        return [self.sites[i] for i in rank_sites(row, tb)]
 
     def site_scores(self, variable: str) -> np.ndarray:
         """Row-normalised coupling of ``variable`` (sums to 1)."""

@@ -53,25 +53,35 @@ from ._fit_steps import (
 from ._metrics import SELECTION_RULES
 from ._results import AlignmentResult
 from ._signatures import SIGNATURE_MODES, SiteEffects
-from ._transport import METHODS, solve_transport
+from ._transport import METHODS, cost_spread, row_contrast, solve_transport
 
 logger = logging.getLogger(__name__)
 
 
 DEFAULT_LAMBDAS = (0.5, 1.0, 2.0, 4.0, 8.0)
-#: ε = factor x (cost range) when epsilon="auto" (ot / uot)
-AUTO_EPSILON_FACTORS = (0.01, 0.03, 0.1)
-#: β = factor x (cost range) when beta="auto" (uot)
-AUTO_BETA_FACTORS = (0.1, 1.0)
+#: ε = factor x (cost spread, :func:`cost_spread`) when epsilon="auto" (ot / uot): from nearly
+#: hard assignments (each row's best sites take the mass) to smooth plans
+AUTO_EPSILON_FACTORS = (0.01, 0.1, 1.0)
+#: β = factor x (the same scale as ε) when beta="auto" (uot): from free site marginals (each row
+#: keeps its own best sites) to nearly balanced ones (rows spread over many sites, as distributed
+#: variables such as HEQ's need)
+AUTO_BETA_FACTORS = (1.0, 10.0, 100.0)
+#: the grids of epsilon="auto-range" / beta="auto-range": factor x cost range (the default before
+#: issue 12, kept so that old numbers can be reproduced)
+AUTO_RANGE_EPSILON_FACTORS = (0.01, 0.03, 0.1)
+AUTO_RANGE_BETA_FACTORS = (0.1, 1.0)
 #: absolute ε for methods whose cost is already on a fixed scale
 AUTO_EPSILON_FIXED = {"gw": (0.005, 0.02, 0.05), "fgw": (0.005, 0.02, 0.05), "cosine": (0.05,), "bruteforce": (0.05,)}
+#: a selected plan whose rows all have max/median weight below this is reported as uninformative
+UNINFORMATIVE_ROW_CONTRAST = 1.2
+_AUTO_MODES = ("auto", "auto-range")
 
 
 def _grid(value: Any, name: str) -> tuple[float, ...] | str:
     if isinstance(value, str):
-        if value != "auto":
-            raise PlotError(f"{name} must be a positive number, a list of them, or 'auto'; got {value!r}")
-        return "auto"
+        if value not in _AUTO_MODES:
+            raise PlotError(f"{name} must be a positive number, a list of them, 'auto' or 'auto-range'; got {value!r}")
+        return value
     vals = (value,) if np.isscalar(value) else tuple(value)
     if not vals:
         raise PlotError(f"{name} grid is empty")
@@ -99,11 +109,16 @@ class OTAlignmentSearcher(ParamsMixin):
     ----------
     method : {"uot", "ot", "gw", "fgw", "cosine", "bruteforce"}, default "uot"
         Transport solver (see :mod:`pyvene_plot.localize`); ``cosine`` and ``bruteforce`` are baselines.
-    epsilon : float, list of float, or "auto"
-        Entropic regularisation. ``"auto"`` sweeps ``(0.01, 0.03, 0.1) x`` the cost range (ot/uot)
-        or a fixed grid for gw/fgw/baselines. Every value of a sweep is judged on the calibration bank.
-    beta : float, list of float, or "auto"
-        UOT marginal relaxation; ``"auto"`` sweeps ``(0.1, 1.0) x`` the cost range.
+    epsilon : float, list of float, "auto" or "auto-range"
+        Entropic regularisation. ``"auto"`` (ot/uot) sweeps ``(0.01, 0.1, 1) x`` the cost
+        *spread* (:func:`cost_spread`: pooled MAD of the row-centred cost over the sites above the
+        magnitude floor), so the sweep reaches plans whose rows put most of their mass on their best
+        sites whatever the units of the cost; ``"auto-range"`` sweeps ``(0.01, 0.03, 0.1) x`` the cost
+        range (the old default). gw/fgw/baselines use a fixed grid. Every value of a sweep is judged
+        on the calibration bank.
+    beta : float, list of float, "auto" or "auto-range"
+        UOT marginal relaxation; ``"auto"`` sweeps ``(1, 10, 100) x`` the same scale as ε (the spread,
+        or the range when ``epsilon="auto-range"``); ``"auto-range"``: ``(0.1, 1.0) x`` the range.
     signature : {"prob_delta", "logit_delta", "margin_delta"} or tuple of them
         How effects are summarised (:mod:`pyvene_plot.localize`); a tuple is swept and chosen
         on the calibration bank like ε.
@@ -125,6 +140,15 @@ class OTAlignmentSearcher(ParamsMixin):
     selection : {"balanced", "iia", "sensitive"}
         Calibration criterion: mean of sensitive and invariant IIA (default), IIA over all pairs,
         or sensitive IIA only.
+
+    Notes
+    -----
+    Ties. When coupling entries of a row tie (equal within a relative 1e-9), the site with the
+    better full-swap score on the fit bank under ``selection`` (the score the free baseline ranks
+    sites by) is kept first, then the earlier site in the candidate list; the same order is used
+    by :meth:`AlignmentResult.ranking`. The free baseline takes the best full-swap score, exact
+    ties going to the earlier site. Every result records each plan's row contrast (normalised
+    entropy, max/median weight) in its trials and ``diagnostics["row_contrast"]``.
     alpha : float
         FGW trade-off.
     readout : Readout, optional
@@ -209,7 +233,7 @@ class OTAlignmentSearcher(ParamsMixin):
             if not ks or any(int(k) != k or k < 1 for k in ks):
                 raise PlotError(f"top_k must be positive integers, got {self.top_k!r}")
         lam = _grid(self.lambdas, "lambdas")
-        if lam == "auto":
+        if isinstance(lam, str):
             raise PlotError("lambdas must be numbers")
         if self.selection not in SELECTION_RULES:
             raise PlotError(f"selection must be one of {SELECTION_RULES}, got {self.selection!r}")
@@ -326,15 +350,17 @@ class OTAlignmentSearcher(ParamsMixin):
         cache = BankCache(engine, calibration_bank)
         sweep = SweepOutcome([], None, 0.0, 0.0)
         bf_scores = np.stack([np.nan_to_num(fs[v]["balanced"], nan=0.0) for v in variables])
+        tiebreak = {v: np.asarray(fs[v][self.selection], dtype=np.float64) for v in variables}
+        supports = None if not setup.allowed else [setup.allowed.get(v) for v in variables]
         configs = []
         for vi, var in enumerate(variants):
-            scale = float(var.C.max() - var.C.min())
-            configs += [(vi, e, b, scale) for e in self._epsilon_grid(scale) for b in self._beta_grid(scale)]
+            scales = self._scales(var)
+            configs += [(vi, e, b, scales) for e in self._epsilon_grid(scales) for b in self._beta_grid(scales)]
         bar = tqdm(configs, desc=f"PLOT {self.method}", leave=False, disable=not self.progress)
-        for vi, eps, beta, scale in bar:
+        for vi, eps, beta, scales in bar:
             var = variants[vi]
             rec: dict[str, Any] = {"signature": var.signature, "normalize": var.normalize, "epsilon": eps,
-                                   "beta": beta, "cost_range": scale}
+                                   "beta": beta, **scales}
             ts = time.perf_counter()
             try:
                 plan = solve_transport(
@@ -349,8 +375,11 @@ class OTAlignmentSearcher(ParamsMixin):
                 continue
             sweep.solve_s += time.perf_counter() - ts
             rec.update(plan.diagnostics())
+            contrast = row_contrast(plan.coupling, supports)
+            rec["row_contrast"] = {v: {k: contrast[k][r] for k in contrast} for r, v in enumerate(variables)}
             tc = time.perf_counter()
-            chosen, all_cands = calibrate_plan(plan.coupling, setup, engine, cache, self.weight_norm, self.selection)
+            chosen, all_cands = calibrate_plan(plan.coupling, setup, engine, cache, self.weight_norm, self.selection,
+                                               tiebreak)
             sweep.calibration_s += time.perf_counter() - tc
             rec["calibration"] = {v: {"k": c.k, "strength": c.strength, **c.scores} for v, c in chosen.items()}
             rec["score"] = float(np.mean([chosen[v].scores[self.selection] for v in variables]))
@@ -371,15 +400,16 @@ class OTAlignmentSearcher(ParamsMixin):
         """Handles of the selected setting, diagnostics and the :class:`AlignmentResult` (last step of :meth:`fit`)."""
         rec, plan, chosen, all_cands, vi = sweep.best
         var = variants[vi]
-        scale = rec["cost_range"]
+        scales = {k: rec[k] for k in ("cost_range", "cost_spread")}
+        _warn_if_uninformative(rec)
         sites, variables, bases_t = setup.sites, setup.variables, setup.bases
         handles, calib = calibrated_handles(model, sites, variables, chosen, all_cands, setup.readout, bases_t)
         runtime = time.perf_counter() - timings["t0"]
         grids = {
             "signature_grid": list(self._signatures()),
             "normalize_grid": list(self._normalizations()),
-            "epsilon_grid": list(self._epsilon_grid(scale)),
-            "beta_grid": list(self._beta_grid(scale)),
+            "epsilon_grid": list(self._epsilon_grid(scales)),
+            "beta_grid": list(self._beta_grid(scales)),
             "top_k_grid": list(setup.k_grid),
             "lambda_grid": list(setup.lambdas),
         }
@@ -398,20 +428,46 @@ class OTAlignmentSearcher(ParamsMixin):
         logger.info("%r", result)
         return result
 
-    def _epsilon_grid(self, scale: float) -> tuple[float, ...]:
+    def _scales(self, variant: CostVariant) -> dict[str, Any]:
+        """The cost's range and spread (floored sites left out of the spread) and which one ε uses."""
+        C = variant.C
+        return {"cost_range": float(C.max() - C.min()), "cost_spread": cost_spread(C, exclude=variant.floored),
+                "epsilon_scale": "range" if self.epsilon == "auto-range" else "spread"}
+
+    def _epsilon_grid(self, scales: Mapping[str, Any]) -> tuple[float, ...]:
         g = _grid(self.epsilon, "epsilon")
-        if g != "auto":
+        if g not in _AUTO_MODES:
             return g
         if self.method in AUTO_EPSILON_FIXED:
             return AUTO_EPSILON_FIXED[self.method]
-        s = scale if scale > 0 else 1.0
-        return tuple(f * s for f in AUTO_EPSILON_FACTORS)
+        if g == "auto-range":
+            return tuple(f * _positive(scales["cost_range"]) for f in AUTO_RANGE_EPSILON_FACTORS)
+        return tuple(f * _positive(scales["cost_spread"]) for f in AUTO_EPSILON_FACTORS)
 
-    def _beta_grid(self, scale: float) -> tuple:
+    def _beta_grid(self, scales: Mapping[str, Any]) -> tuple:
         if self.method != "uot":
             return (None,)
         g = _grid(self.beta, "beta")
-        if g != "auto":
+        if g not in _AUTO_MODES:
             return g
-        s = scale if scale > 0 else 1.0
-        return tuple(f * s for f in AUTO_BETA_FACTORS)
+        if g == "auto-range" or self.epsilon == "auto-range":
+            return tuple(f * _positive(scales["cost_range"]) for f in AUTO_RANGE_BETA_FACTORS)
+        return tuple(f * _positive(scales["cost_spread"]) for f in AUTO_BETA_FACTORS)
+
+
+def _positive(scale: float) -> float:
+    return scale if scale > 0 else 1.0
+
+
+def _warn_if_uninformative(rec: Mapping[str, Any]) -> None:
+    """Log a warning naming the rows of the selected plan that are nearly flat (max/median < 1.2)."""
+    contrast = rec.get("row_contrast") or {}
+    flat = {v: c["max_over_median"] for v, c in contrast.items() if c["max_over_median"] < UNINFORMATIVE_ROW_CONTRAST}
+    if flat:
+        logger.warning(
+            "the selected transport plan is nearly uniform for %s (max/median row weight < %.1f): transport "
+            "barely informs these handles, which then rest on calibration alone. Try a smaller epsilon "
+            "(epsilon='auto' scales it to the cost spread), a smaller beta for uot, normalize=(False, True) "
+            "or another signature (e.g. a tuple of modes, swept on calibration)",
+            ", ".join(f"{v} ({r:.3g})" for v, r in flat.items()), UNINFORMATIVE_ROW_CONTRAST,
+        )

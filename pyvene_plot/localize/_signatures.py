@@ -6,18 +6,40 @@ output becomes when ``Z`` is taken from the source (``counterfactual_labels[Z]``
 network's output distribution. Both effects are written as vectors over the same pairs and the
 same output classes, so they can be compared:
 
-==============  =======================================  ============================================
-mode            abstract signature of Z (per pair)       neural signature of S (per pair)
-==============  =======================================  ============================================
-``prob_delta``  onehot(cf_Z) - onehot(base)              softmax(logits_S) - softmax(logits_base)
-``logit_delta`` onehot(cf_Z) - onehot(base)              logits_S - logits_base
-``margin_delta`` (2 cf_Z - 1) - (2 base - 1)             Δ(logit_1 - logit_0)   (two classes only)
-==============  =======================================  ============================================
+================  =======================================  ============================================
+mode              abstract signature of Z (per pair)       neural signature of S (per pair)
+================  =======================================  ============================================
+``prob_delta``    onehot(cf_Z) - onehot(base)              softmax(logits_S) - softmax(logits_base)
+``logit_delta``   onehot(cf_Z) - onehot(base)              logits_S - logits_base
+``margin_delta``  (2 cf_Z - 1) - (2 base - 1)              Δ(logit_1 - logit_0)   (two classes only)
+``family_mean``   block_f(onehot(cf_Z) - onehot(base))     block_f(logits_S - logits_base)
+================  =======================================  ============================================
 
 Columns are restricted to the *label set* (the classes that occur as base or counterfactual labels
 in the fit bank); probabilities are still normalised over every class of the readout. For language
 models this is the label-restricted delta. Signatures are flattened to ``N * K`` and the cost is the
 mean squared distance per pair, ``C[Z, S] = ||a_Z - n_S||^2 / N``.
+
+``family_mean`` aggregates per *family* of pairs (``PairBank.family``: the kind of counterfactual,
+e.g. which variables differ between base and source), as the reference does for binary addition
+(mean output effect per source family, method-plot.md §2.2) and MCQA (family means of label-logit
+deltas, centred and normalised per block, §2.3). For each family ``f`` (in the fixed order
+``bank.families``, sorted labels) and per-pair delta ``d_i`` (K-vector, as in the table)::
+
+    m_f     = mean_{i in f} d_i                 (K,)
+    c_f     = m_f - mean_k(m_f)                 centred over the K label-set classes
+    block_f = c_f / ||c_f||                     or 0 if ||c_f|| <= 1e-6 * max(1, scale)
+
+and the signature is ``[block_f1, block_f2, ...]`` (``F * K``). A zero block means "no effect in this
+family": on the abstract side, a variable whose interchange never changes the output in ``f`` (e.g.
+``Z`` does not differ between base and source there, or the changes cancel exactly); on the neural
+side, an effect at float noise level (``scale`` = largest base logit magnitude on the label set;
+``scale`` = 1 on the abstract side). Zero blocks stay zero, never NaN. Every non-zero block has
+unit norm, so magnitude is lost within a family: the searcher's ``min_effect`` floor (on
+``||n_S|| / sqrt(N)``) then only removes sites silent in every family. The cost is computed as for
+the other modes (``||a_Z - n_S||^2 / N``, a constant rescaling of the reference's sum over blocks).
+Both sides need the fit bank's families (the neural side reads ``SiteEffects.family``, copied from
+the bank by :func:`collect_site_effects`); a bank without families raises :class:`SignatureError`.
 
 The full-swap sweep also yields each site's own full-swap IIA: the free brute-force baseline.
 """
@@ -40,7 +62,10 @@ from ._engine import InterchangeEngine
 logger = logging.getLogger(__name__)
 
 
-SIGNATURE_MODES = ("prob_delta", "logit_delta", "margin_delta")
+SIGNATURE_MODES = ("prob_delta", "logit_delta", "margin_delta", "family_mean")
+
+# a family block whose norm is at most this times max(1, scale) is "no effect" and stays zero
+_ZERO_BLOCK_RTOL = 1e-6
 
 
 @dataclasses.dataclass
@@ -64,6 +89,10 @@ class SiteEffects:
         Wall time of the sweep (source collection and all forwards).
     n_rows : int
         Interchange rows run (S * N).
+    bank_name : str
+        Name of the bank the sweep ran on.
+    family : list of str, optional
+        The bank's per-pair families (``PairBank.family``), length N; needed by ``family_mean``.
     """
 
     sites: list[Site]
@@ -75,6 +104,7 @@ class SiteEffects:
     runtime_s: float
     n_rows: int
     bank_name: str = ""
+    family: list[str] | None = None
 
     @property
     def per_site_s(self) -> float:
@@ -196,7 +226,8 @@ def collect_site_effects(
             pbar.close()
     rt = time.perf_counter() - t0
     logger.info("site sweep: %d sites x %d pairs in %.2fs (%.4fs per site)", S, n, rt, rt / max(S, 1))
-    eff = SiteEffects(sites, labels, base_logits, logits_k, probs_k, preds, rt, S * n, bank.name)
+    eff = SiteEffects(sites, labels, base_logits, logits_k, probs_k, preds, rt, S * n, bank.name,
+                      family=None if bank.family is None else list(bank.family))
     return eff
 
 
@@ -207,6 +238,8 @@ def abstract_signatures(bank: PairBank, variables: Sequence[str], label_set: Seq
     pos = {c: i for i, c in enumerate(label_set)}
     rows = []
     base = bank.base_labels
+    if mode == "family_mean":
+        _check_family(bank.family, f"bank {bank.name!r}")
     for v in variables:
         cf = bank.labels(v)
         if mode == "margin_delta":
@@ -220,6 +253,9 @@ def abstract_signatures(bank: PairBank, variables: Sequence[str], label_set: Seq
         oh_cf[torch.arange(len(bank)), torch.tensor([pos[int(x)] for x in cf])] = 1
         oh_b = torch.zeros(len(bank), K)
         oh_b[torch.arange(len(bank)), torch.tensor([pos[int(x)] for x in base])] = 1
+        if mode == "family_mean":
+            rows.append(_family_blocks((oh_cf - oh_b).double(), bank.family, scale=1.0).numpy())
+            continue
         rows.append((oh_cf - oh_b).flatten().numpy())
     return np.stack(rows).astype(np.float64)
 
@@ -233,12 +269,60 @@ def neural_signatures(effects: SiteEffects, mode: str) -> np.ndarray:
         sig = effects.probs - base_p.unsqueeze(0)
     elif mode == "logit_delta":
         sig = effects.logits - effects.base_logits[:, cols].unsqueeze(0)
+    elif mode == "family_mean":
+        _check_family(effects.family, f"the site effects of bank {effects.bank_name!r}")
+        base_l = effects.base_logits[:, cols].double()
+        delta = effects.logits.double() - base_l.unsqueeze(0)
+        scale = float(base_l.abs().max()) if base_l.numel() else 1.0
+        return _family_blocks(delta, effects.family, scale=scale).numpy()
     else:
         _check_binary(effects.label_set)
         m_site = effects.logits[..., 1] - effects.logits[..., 0]
         m_base = effects.base_logits[:, 1] - effects.base_logits[:, 0]
         sig = (m_site - m_base.unsqueeze(0)).unsqueeze(-1)
     return sig.reshape(len(effects.sites), -1).double().numpy()
+
+
+def _family_blocks(delta: torch.Tensor, family: Sequence[str], scale: float = 1.0) -> torch.Tensor:
+    """Family-mean blocks of per-pair deltas, centred and L2-normalised per block (``family_mean``).
+
+    Parameters
+    ----------
+    delta : Tensor, shape (..., N, K)
+        Per-pair effect on the K label-set classes.
+    family : sequence of str, length N
+        Family of each pair; blocks follow ``sorted(set(family))``.
+    scale : float
+        Magnitude of the quantities behind ``delta``; a block with norm at most
+        ``1e-6 * max(1, scale)`` is treated as no effect and stays zero (never NaN).
+
+    Returns
+    -------
+    Tensor, shape (..., F * K)
+        float64; every block has unit norm or is zero.
+    """
+    delta = delta.double()
+    n = delta.shape[-2]
+    if len(family) != n:
+        raise SignatureError(f"{len(family)} family labels for {n} pairs; the effects and bank do not match")
+    order = sorted(set(family))
+    code = {f: j for j, f in enumerate(order)}
+    idx = torch.tensor([code[f] for f in family])
+    means = torch.stack([delta[..., idx == j, :].mean(-2) for j in range(len(order))], -2)  # (..., F, K)
+    centred = means - means.mean(-1, keepdim=True)
+    norm = centred.norm(dim=-1, keepdim=True)
+    tol = _ZERO_BLOCK_RTOL * max(1.0, float(scale))
+    blocks = torch.where(norm > tol, centred / norm.clamp_min(tol), torch.zeros_like(centred))
+    return blocks.flatten(-2)
+
+
+def _check_family(family: Sequence[str] | None, what: str) -> None:
+    if family is None:
+        raise SignatureError(
+            f"signature 'family_mean' needs per-pair families, but {what} has none; build the fit bank "
+            "with PairBank(..., family=[one label per pair]) or PairBank.from_causal_model (which derives "
+            "them from the variables that differ between base and source), then collect effects on it"
+        )
 
 
 def cost_matrix(

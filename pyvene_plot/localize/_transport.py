@@ -21,7 +21,10 @@ method             solver
 Numerics. With exact row marginals, subtracting a constant from each row of the cost does not
 change the one-sided UOT plan (``<C - r 1ᵀ, P> = <C, P> - Σ r_i a_i``), so rows are shifted to a
 zero minimum before solving; POT's unbalanced scaling iterations are then warm-started along a
-geometric ε path (ε-continuation). Every plan is checked: non-finite entries, violated marginals
+geometric ε path (ε-continuation), continued in the log domain from the first ε at which POT's
+kernel underflows (small ε against a far-off column). ``epsilon="auto"`` measures ε against
+:func:`cost_spread`, the robust within-row spread of the cost; :func:`row_contrast` says how far each
+row of a plan is from uniform. Every plan is checked: non-finite entries, violated marginals
 or a uniform plan on a non-constant cost raise :class:`~pyvene_plot.errors.TransportError`
 naming ε and the cost scale. Convergence (iterations, marginal errors) is recorded on every plan.
 """
@@ -109,6 +112,85 @@ def _normalized_entropy(P: np.ndarray) -> float:
     R = P / np.maximum(P.sum(1, keepdims=True), 1e-300)
     H = -(R * np.log(np.maximum(R, 1e-300))).sum(1)
     return float(np.mean(H) / np.log(S))
+
+
+#: max/median ratios are capped here, so that a row with zero median weight stays a finite JSON number
+ROW_CONTRAST_CAP = 1e12
+#: 1.4826 x MAD estimates the standard deviation of Gaussian data
+_MAD_TO_STD = 1.4826
+
+
+def cost_spread(C: np.ndarray, exclude: np.ndarray | None = None) -> float:
+    """Robust, pooled within-row spread of a cost matrix: the scale of ``epsilon="auto"``.
+
+    Each row is centred on its own median and ``1.4826 x`` the median absolute deviation of all
+    centred entries is returned (pooled MAD, equal to the standard deviation for Gaussian costs).
+
+    Why this statistic: the entropic plan depends on the cost only through within-row differences
+    divided by ε (one-sided UOT is exactly invariant to a per-row shift, see the module notes), so ε
+    must be measured against how much costs differ *within* a row. The median absolute deviation
+    ignores the few extreme columns that set the cost *range* (sites given the worst cost by the
+    magnitude floor, a handful of very disruptive sites), which made range-scaled ε too large for
+    the differences among a row's good sites and left the rows nearly flat. Multiplying ``C`` by
+    ``c`` multiplies the spread by ``c``; adding a constant (or a constant per row) leaves it unchanged.
+
+    Parameters
+    ----------
+    C : ndarray, shape (V, S)
+    exclude : ndarray of bool, shape (S,), optional
+        Columns left out (e.g. floored sites, whose cost is set to the matrix maximum).
+
+    Returns
+    -------
+    float
+        The pooled MAD; if it is 0 up to float noise (1e-9 of the cost scale: more than half of the
+        entries of every row equal), the pooled within-row standard deviation; if that is 0 too, the cost range; 1.0 for a constant cost.
+    """
+    C = np.asarray(C, dtype=np.float64)
+    if exclude is not None and not np.all(exclude):
+        C = C[:, ~np.asarray(exclude, dtype=bool)]
+    centred = C - np.median(C, axis=1, keepdims=True)
+    value_range = float(C.max() - C.min())
+    # a spread below float noise of the costs counts as 0 (e.g. costs taking a few distinct values,
+    # where the MAD is ~1e-17 and would collapse ε to nothing)
+    noise = 1e-9 * max(value_range, float(np.abs(C).max()))
+    for s in (_MAD_TO_STD * float(np.median(np.abs(centred))),
+              float(np.sqrt(np.mean(np.var(C, axis=1)))),
+              value_range):
+        if s > noise and np.isfinite(s):
+            return s
+    return 1.0
+
+
+def row_contrast(P: np.ndarray, supports: list | None = None) -> dict[str, list[float]]:
+    """How much each coupling row prefers some sites: normalised entropy and max/median weight.
+
+    Parameters
+    ----------
+    P : ndarray, shape (V, S)
+    supports : list of (sequence of int or None), optional
+        Per row, the columns the row may use (progressive masking); None: every column.
+
+    Returns
+    -------
+    dict
+        ``"entropy"``: per row, the entropy of the row-normalised weights over its support divided
+        by log(support size) (1 = uniform, 0 = one site; 0 for a one-site support).
+        ``"max_over_median"``: per row, largest weight / median weight over its support
+        (1 = flat), capped at :data:`ROW_CONTRAST_CAP`.
+    """
+    P = np.asarray(P, dtype=np.float64)
+    ent, ratio = [], []
+    for r in range(P.shape[0]):
+        cols = None if supports is None or supports[r] is None else np.asarray(sorted(set(supports[r])), dtype=int)
+        row = P[r] if cols is None else P[r, cols]
+        w = row / max(float(row.sum()), 1e-300)
+        n = w.size
+        h = -float(np.sum(w * np.log(np.maximum(w, 1e-300))))
+        ent.append(h / np.log(n) if n > 1 else 0.0)
+        top = float(w.max())
+        ratio.append(min(top / max(float(np.median(w)), top / ROW_CONTRAST_CAP, 1e-300), ROW_CONTRAST_CAP))
+    return {"entropy": ent, "max_over_median": ratio}
 
 
 def _check_plan(
@@ -315,7 +397,14 @@ def _uot_continuation(
     a: np.ndarray, b: np.ndarray, C: np.ndarray, eps: float, reg_m: tuple, max_iter: int, tol: float,
     factor: float = 2.0,
 ) -> tuple[np.ndarray, int, bool]:
-    """POT unbalanced Sinkhorn warm-started along a geometric ε path ending at ``eps``."""
+    """POT unbalanced Sinkhorn warm-started along a geometric ε path ending at ``eps``.
+
+    POT's unbalanced scaling iterations work with the kernel ``exp(-C/ε)``, which underflows at small
+    ε (a column whose every cost exceeds ~700 ε gets no mass and the iteration stops with "Numerical
+    errors"). From the first ε of the path where that happens, the same fixed point is computed in
+    the log domain (:func:`_uot_log`), warm-started from the last good potentials, so small ε stay
+    stable; plans that POT solves cleanly are POT's own.
+    """
     start = max(float(C.max()), eps)
     path = [start]
     while path[-1] > eps:
@@ -324,20 +413,63 @@ def _uot_continuation(
     total, converged = 0, True
     P = None
     prev = None
+    log_domain = False
     for e in path:
         if ws is not None:
             ws = (ws[0] * prev / e, ws[1] * prev / e)  # same potentials, new ε
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            P, log = ot.unbalanced.sinkhorn_unbalanced(
-                a, b, C, reg=e, reg_m=reg_m, method="sinkhorn", reg_type="entropy", warmstart=ws,
-                numItermax=max_iter, stopThr=tol, log=True,
-            )
-        errs = log.get("err", [])
-        total += len(errs)
-        converged = not any("did not converge" in str(w.message) or "Numerical" in str(w.message) for w in caught)
-        ws = (log["logu"], log["logv"])
+        if not log_domain:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                P, log = ot.unbalanced.sinkhorn_unbalanced(
+                    a, b, C, reg=e, reg_m=reg_m, method="sinkhorn", reg_type="entropy", warmstart=ws,
+                    numItermax=max_iter, stopThr=tol, log=True,
+                )
+            numerical = any("Numerical" in str(w.message) for w in caught) or not np.all(np.isfinite(P))
+            if not numerical:
+                total += len(log.get("err", []))
+                converged = not any("did not converge" in str(w.message) for w in caught)
+                ws, prev = (log["logu"], log["logv"]), e
+                continue
+            log_domain = True
+            logger.debug("uot: kernel underflow at epsilon=%.3g; continuing in the log domain", e)
+        P, ws, n_it, converged = _uot_log(a, b, C, e, reg_m, max_iter, tol, ws)
+        total += n_it
         prev = e
-        if not np.all(np.isfinite(P)):
-            break
     return P, total, converged
+
+
+def _uot_log(
+    a: np.ndarray, b: np.ndarray, C: np.ndarray, eps: float, reg_m: tuple, max_iter: int, tol: float,
+    warmstart: tuple | None,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], int, bool]:
+    """Log-domain version of POT's unbalanced scaling (``reg_type="entropy"``), same fixed point.
+
+    With potentials ``f = ε log u`` and ``g = ε log v``:
+    ``f_i = τ_a ε (log a_i - LSE_j((g_j - C_ij)/ε))``, ``g_j = τ_b ε (log b_j - LSE_i((f_i - C_ij)/ε))``,
+    ``τ = β/(β+ε)`` (1 for an exact marginal) and ``P_ij = exp((f_i + g_j - C_ij)/ε)``; ``g`` is
+    updated before ``f``, so an exact row marginal holds to rounding in the returned plan. Stops when
+    the largest change of ``log u`` or ``log v`` falls below ``tol``.
+
+    Returns the plan, the warm start ``(log u, log v)`` for the next ε, iterations and convergence.
+    """
+    from scipy.special import logsumexp
+
+    taus = [1.0 if not np.isfinite(r) else r / (r + eps) for r in reg_m]
+    la, lb = np.log(a), np.log(b)
+    if warmstart is None:
+        lu, lv = np.zeros_like(a), np.zeros_like(b)
+    else:
+        lu, lv = np.asarray(warmstart[0], dtype=np.float64), np.asarray(warmstart[1], dtype=np.float64)
+    Z = -C / eps
+    converged, it = False, 0
+    for it in range(1, max_iter + 1):
+        # sites first, then variables: the returned plan meets an exact row marginal to rounding
+        lv_new = taus[1] * (lb - logsumexp(Z + lu[:, None], axis=0))
+        lu_new = taus[0] * (la - logsumexp(Z + lv_new[None, :], axis=1))
+        err = max(float(np.abs(lu_new - lu).max()), float(np.abs(lv_new - lv).max()))
+        lu, lv = lu_new, lv_new
+        if err < tol:
+            converged = True
+            break
+    P = np.exp(Z + lu[:, None] + lv[None, :])
+    return P, (lu, lv), it, converged

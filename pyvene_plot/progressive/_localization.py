@@ -3,6 +3,7 @@ screening reports), its DAS menu (:meth:`Localization.das_specs`) and its JSON r
 
 from __future__ import annotations
 
+import copy as _copy
 import logging as _logging
 from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
@@ -20,11 +21,16 @@ from ._stages import Stage, default_sizes
 
 _log = _logging.getLogger(__name__)
 
-#: layout of the JSON written by :meth:`Localization.to_json`
-FORMAT_VERSION = 1
+#: layout of the JSON written by :meth:`Localization.to_json` (2: ``handle_stage``, ``competition``,
+#: ``support_width`` and ``compete`` added; version-1 files are still read, each stage's own handle in effect)
+FORMAT_VERSION = 2
+#: versions :meth:`Localization.from_dict` reads
+_READS = (1, 2)
 #: keys :meth:`Localization.from_dict` cannot do without
 _REQUIRED_KEYS = ("kind", "format_version", "variables", "stages", "results", "kept", "kept_reason", "runtime_s",
                   "pca_runtime_s", "pca_info", "candidates", "bases", "screens")
+#: keys a version-2 file adds
+_REQUIRED_KEYS_V2 = ("compete", "handle_stage", "competition", "support_width")
 
 
 class Localization:
@@ -35,10 +41,25 @@ class Localization:
     stages : list of AlignmentResult
         One result per stage, in order, each with its own ``runtime_s``.
     kept : list of dict
-        Per stage, ``variable -> list of kept Site`` (what the next stage narrows to).
+        Per stage, ``variable -> list of kept Site`` (what the next stage narrows to): the sites
+        of the handle in effect; where a refinement lost the competition, the previous stage's.
     kept_reason : list of dict
-        Per stage and variable, for each kept site: ``"handle"`` (a site of the calibrated handle)
-        or ``"ranking"`` (fallback from the coupling ranking when the handle had fewer sites).
+        Per stage and variable, for each kept site: ``"handle"`` (a site of the calibrated handle),
+        ``"ranking"`` (fallback from the coupling ranking when the handle had fewer sites) or
+        ``"previous"`` (the refinement lost the competition; the previous stage's kept site).
+    handle_stage : list of dict
+        Per stage, ``variable -> index of the stage whose handle is in effect`` after it (its own
+        index unless the refinement lost the competition).
+    competition : list of dict or None
+        Per stage, None (the first stage, or ``compete=False``) or the competition record
+        ``{"rule", "tolerance", "runtime_s", "variables": {v: {"kept": "refined" | "previous",
+        "reason", "previous_stage", "refined_scores", "previous_scores"}}}`` (calibration scores).
+    support_width : list of dict
+        Per stage, ``variable -> {"refined": width of the stage's own handle, "kept": width of the
+        handle in effect}``; the width is the number of dimensions a handle intervenes on (whole
+        vector width, number of coordinates, or span rank; summed over hooks).
+    compete : bool
+        Whether the schedule ran with competition.
     bases : dict of str to ndarray
         Orthonormal bases (rows) fitted by ``pca`` and ``lib`` stages, keyed ``"pca:..."`` / ``"lib:..."``.
     runtime_s : float
@@ -46,7 +67,8 @@ class Localization:
     """
 
     def __init__(self, model, variables, stages, kept, kept_reason, bases, runtime_s, stage_specs, extra_s,
-                 candidates=None, pca_info=None, screens=None):
+                 candidates=None, pca_info=None, screens=None, handle_stage=None, competition=None,
+                 support_width=None, compete=False):
         self.model = model
         self.variables = list(variables)
         self.stages: list[AlignmentResult] = stages
@@ -62,6 +84,12 @@ class Localization:
         self.pca_info: dict[str, dict] = pca_info or {}
         #: per stage, None or the screening report (screener, threshold, rule, scores, dropped sites, ...)
         self.screens: list[dict | None] = screens or [None] * len(stages)
+        self.handle_stage: list[dict[str, int]] = (handle_stage if handle_stage is not None
+                                                   else [{v: i for v in self.variables} for i in range(len(stages))])
+        self.competition: list[dict | None] = competition if competition is not None else [None] * len(stages)
+        #: per stage, ``variable -> {"refined": int, "kept": int}`` (empty dicts when unknown)
+        self.support_width: list[dict[str, dict]] = support_width if support_width is not None else [{} for _ in stages]
+        self.compete = bool(compete)
 
     def __repr__(self) -> str:
         kinds = "→".join(s.kind for s in self.stage_specs)
@@ -69,7 +97,18 @@ class Localization:
 
     @property
     def final(self) -> AlignmentResult:
+        """The last stage's result (its own handles; :attr:`handles` are the handles in effect)."""
         return self.stages[-1]
+
+    def kept_handles(self, stage: int = -1) -> dict:
+        """``variable -> Handle`` in effect after ``stage``: the stage's own, or an earlier one it did not beat."""
+        st_i = stage if stage >= 0 else len(self.stages) + stage
+        return {v: self.stages[j].handles[v] for v, j in self.handle_stage[st_i].items()}
+
+    @property
+    def handles(self) -> dict:
+        """The final handles: ``variable -> Handle`` in effect after the last stage."""
+        return self.kept_handles(-1)
 
     def n_sites_evaluated(self) -> int:
         return int(sum(len(r.sites) for r in self.stages))
@@ -77,11 +116,21 @@ class Localization:
     def runtime_until(self, n_stages: int) -> float:
         """Wall time of the first ``n_stages`` stages (PCA fits and screening of those stages included)."""
         screen_s = sum((sc or {}).get("runtime_s", 0.0) for sc in self.screens[:n_stages])
-        return float(sum(r.runtime_s for r in self.stages[:n_stages]) + sum(self.extra_s[:n_stages]) + screen_s)
+        compete_s = sum((c or {}).get("runtime_s", 0.0) for c in self.competition[:n_stages])
+        return float(sum(r.runtime_s for r in self.stages[:n_stages]) + sum(self.extra_s[:n_stages]) + screen_s
+                     + compete_s)
 
-    def evaluate(self, bank: PairBank, stage: int = -1, detail: bool = False) -> dict:
-        """Transport-only IIA of a stage's handles (default: the last stage)."""
-        return self.stages[stage].evaluate(bank, detail=detail)
+    def evaluate(self, bank: PairBank, stage: int = -1, detail: bool = False, own: bool = False) -> dict:
+        """Transport-only IIA of the handles in effect after ``stage`` (default: the final handles).
+
+        ``own=True`` evaluates the stage's own handles instead (what the stage calibrated, whether
+        or not they won the competition).
+        """
+        if own:
+            return self.stages[stage].evaluate(bank, detail=detail)
+        bank.check_variables(self.variables)
+        out = {v: h.scores(bank, self.model) for v, h in self.kept_handles(stage).items()}
+        return out if detail else {v: s["iia"] for v, s in out.items()}
 
     def das_specs(self, subspace_sizes: _Sequence[int] | None = None, stage: int = -1,
                   include_handle: bool = True, include_parent: bool = True) -> list:
@@ -90,26 +139,26 @@ class Localization:
         Per variable, at most three supports (deduplicated), among which :func:`~pyvene_plot.run_das`
         chooses on the calibration bank:
 
-        1. ``kept``: the union of the sites the stage kept (after a ``coordinates`` stage the
-           union of the kept coordinate groups; after ``pca`` the span of the kept bands; after
-           ``layer``/``position`` the whole vector);
-        2. ``handle``: the union of the sites of the stage's calibrated handle, per hook;
+        1. ``kept``: the union of the sites kept after the stage (after a ``coordinates`` stage the
+           union of the kept coordinate groups; after ``pca`` the span of the kept bands or prefix;
+           after ``layer``/``position`` the whole vector);
+        2. ``handle``: the union of the sites of the handle in effect (:meth:`kept_handles`: the
+           stage's calibrated handle, or the earlier handle it did not beat), per hook;
         3. ``parent``: the whole vector at the hook of the kept sites (the coarse site the fine
            stage refined), the reference's fallback support.
 
-        Subspace sizes default to powers of two below the support width plus the width (at most
-        8 values); pass ``subspace_sizes`` to use one grid everywhere (clipped to each width).
+        Each spec's ``source`` is ``plot:{kind}:{tag}`` with the kind of the stage whose handle is in
+        effect. Subspace sizes default to powers of two below the support width plus the width (at
+        most 8 values); pass ``subspace_sizes`` to use one grid everywhere (clipped to each width).
         """
         from ..das import DASSpec
 
         st_i = stage if stage >= 0 else len(self.stages) + stage
-        res = self.stages[st_i]
-        kind = self.stage_specs[st_i].kind
         specs, seen = [], set()
 
-        def add(v, layer, comp, pos, basis, dims, tag):
+        def add(v, res, kind, layer, comp, pos, basis, dims, tag):
             if basis is not None:
-                V = _np.asarray(res.bases[basis])
+                V = _np.asarray(res.bases[basis] if basis in res.bases else self.bases[basis])
                 rows = list(dims) if dims is not None else list(range(V.shape[0]))
                 width = len(rows)
                 spec_basis, spec_dims, key_b = V[rows], None, (basis, tuple(rows))
@@ -128,24 +177,18 @@ class Localization:
             specs.append(DASSpec(variable=v, layer=layer, component=comp, position=pos, dims=spec_dims,
                                  basis=spec_basis, subspace_sizes=sizes, source=f"plot:{kind}:{tag}"))
 
-        def grouped(sites):
-            by_unit: dict[tuple, list[Site]] = {}
-            for s in sites:
-                by_unit.setdefault((s.layer, s.component, s.position, s.basis), []).append(s)
-            for unit, group in by_unit.items():
-                dims = None if any(s.dims is None for s in group) else tuple(sorted({d for s in group for d in s.dims}))
-                yield unit, dims
-
         for v in self.variables:
+            j = self.handle_stage[st_i][v]
+            res, kind = self.stages[j], self.stage_specs[j].kind
             kept = self.kept[st_i][v]
-            for (layer, comp, pos, basis), dims in grouped(kept):
-                add(v, layer, comp, pos, basis, dims, "kept")
+            for (layer, comp, pos, basis), dims in _grouped(kept):
+                add(v, res, kind, layer, comp, pos, basis, dims, "kept")
             if include_handle:
-                for (layer, comp, pos, basis), dims in grouped(res.handles[v].sites):
-                    add(v, layer, comp, pos, basis, dims, "handle")
+                for (layer, comp, pos, basis), dims in _grouped(res.handles[v].sites):
+                    add(v, res, kind, layer, comp, pos, basis, dims, "handle")
             if include_parent:
-                for (layer, comp, pos, _basis), _dims in grouped(kept):
-                    add(v, layer, comp, pos, None, None, "parent")
+                for (layer, comp, pos, _basis), _dims in _grouped(kept):
+                    add(v, res, kind, layer, comp, pos, None, None, "parent")
         return specs
 
     def to_dict(self) -> dict:
@@ -167,6 +210,10 @@ class Localization:
             "candidates": [_sites_by_variable(cs) for cs in self.candidates],
             "bases": {k: _np.asarray(v).tolist() for k, v in self.bases.items()},
             "screens": self.screens,
+            "compete": self.compete,
+            "handle_stage": [dict(hs) for hs in self.handle_stage],
+            "competition": _copy.deepcopy(self.competition),
+            "support_width": [{v: dict(w) for v, w in sw.items()} for sw in self.support_width],
         }
 
     def to_json(self, path: str | Path) -> Path:
@@ -185,9 +232,11 @@ class Localization:
         require_keys(d, _REQUIRED_KEYS, "Localization")
         if d["kind"] != "Localization":
             raise PlotError(f"not a Localization (kind={d['kind']!r})")
-        if d["format_version"] != FORMAT_VERSION:
+        if d["format_version"] not in _READS:
             raise PlotError(f"unsupported Localization format_version {d['format_version']!r}; "
-                            f"this version reads {FORMAT_VERSION}")
+                            f"this version reads {list(_READS)}")
+        if d["format_version"] >= 2:
+            require_keys(d, _REQUIRED_KEYS_V2, "Localization")
         results = [AlignmentResult.from_dict(r, model=model) for r in d["results"]]
         try:
             stage_specs = [Stage.from_dict(s) for s in d["stages"]]
@@ -196,19 +245,21 @@ class Localization:
             bases = {k: _np.asarray(v, dtype=_np.float32) for k, v in d["bases"].items()}
             kept_reason = [{v: list(r) for v, r in k.items()} for k in d["kept_reason"]]
             extra_s = [float(x) for x in d["pca_runtime_s"]]
+            new = _new_fields(d, len(d["results"]))
         except KeyError as exc:
             raise PlotError(f"Localization is incomplete: a stage or site lacks {exc}") from None
         except (TypeError, ValueError, AttributeError) as exc:
             raise PlotError(f"Localization is malformed: {exc}") from None
         n = len(results)
         lengths = {"stages": len(stage_specs), "kept": len(kept), "kept_reason": len(kept_reason),
-                   "pca_runtime_s": len(extra_s), "screens": len(d["screens"])}
+                   "pca_runtime_s": len(extra_s), "screens": len(d["screens"]),
+                   **{k: len(new[k]) for k in ("handle_stage", "competition", "support_width")}}
         short = {k: m for k, m in lengths.items() if m != n}
         if short:
             raise PlotError(f"Localization is incomplete: {n} stage results but {short} entries")
         return cls(model, [str(v) for v in d["variables"]], results, kept, kept_reason, bases, float(d["runtime_s"]),
                    stage_specs, extra_s, candidates=candidates, pca_info=dict(d["pca_info"]),
-                   screens=list(d["screens"]))
+                   screens=list(d["screens"]), **new)
 
     @classmethod
     def from_json(cls, path: str | Path, model: torch.nn.Module | None = None) -> "Localization":
@@ -226,6 +277,33 @@ class Localization:
             r.plot(p)
             out.append(p)
         return out
+
+
+def _new_fields(d: _Mapping, n: int) -> dict:
+    """``handle_stage``, ``competition``, ``support_width``, ``compete`` of a dict (version-1 defaults)."""
+    if d["format_version"] < 2:  # before competition: each stage's own handle was in effect
+        variables = [str(v) for v in d["variables"]]
+        return {"handle_stage": [{v: i for v in variables} for i in range(n)], "competition": [None] * n,
+                "support_width": [{} for _ in range(n)], "compete": False}
+    handle_stage = [{str(v): int(j) for v, j in hs.items()} for hs in d["handle_stage"]]
+    bad = [(i, v, j) for i, hs in enumerate(handle_stage) for v, j in hs.items() if not 0 <= j <= i]
+    if bad:
+        raise PlotError(f"Localization handle_stage names stages that do not precede their stage: {bad[:3]}")
+    return {"handle_stage": handle_stage,
+            "competition": list(d["competition"]),
+            "support_width": [{str(v): {k: int(w) for k, w in ws.items()} for v, ws in sw.items()}
+                              for sw in d["support_width"]],
+            "compete": bool(d["compete"])}
+
+
+def _grouped(sites: _Sequence[Site]):
+    """``((layer, component, position, basis), dims)`` per hook: the union of the sites' dims (None: whole)."""
+    by_unit: dict[tuple, list[Site]] = {}
+    for s in sites:
+        by_unit.setdefault((s.layer, s.component, s.position, s.basis), []).append(s)
+    for unit, group in by_unit.items():
+        dims = None if any(s.dims is None for s in group) else tuple(sorted({d for s in group for d in s.dims}))
+        yield unit, dims
 
 
 def _sites_by_variable(sites: _Mapping[str, _Sequence[Site]]) -> dict[str, list[dict]]:

@@ -4,7 +4,9 @@
 :class:`Stage`. Each stage proposes candidate sites inside what the previous stage kept for each
 variable (:meth:`ProgressiveScheduler._candidates`), optionally screens them
 (:mod:`pyvene_plot.progressive.screening`), fits the coupling, and keeps the calibrated handle's
-sites for the next stage. The stages' results are collected in a :class:`Localization`.
+sites for the next stage. With ``compete=True`` (default) every refinement stage's handle competes
+with the handle in effect on the calibration bank and is kept only if it scores higher
+(:mod:`pyvene_plot.progressive._compete`). The stages' results are collected in a :class:`Localization`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from .._params import ParamsMixin
 from ..data import PairBank, min_real_length
 from ..errors import PlotError, SiteError
 from ..localize import AlignmentResult, OTAlignmentSearcher
-from ..methods.bases import fit_pca_basis, site_activations
 from ..models import Site, coordinate_sites, model_spec
+from ._compete import InEffect, compete_stage, keep_previous, support_width
 from ._localization import Localization
+from ._spans import basis_key, fit_lib_at, fit_pca_at, span_sites
 from ._stages import COARSE_KINDS, Stage
 from .screening import get_screener
 
@@ -48,6 +51,11 @@ class _RunState:
     bases: dict = dataclasses.field(default_factory=dict)
     pca_info: dict = dataclasses.field(default_factory=dict)
     kept: dict | None = None
+    #: per variable, the handle in effect (its stage, the handle, its calibration scores once measured)
+    current: dict = dataclasses.field(default_factory=dict)
+    handle_stage: list = dataclasses.field(default_factory=list)
+    competition: list = dataclasses.field(default_factory=list)
+    widths: list = dataclasses.field(default_factory=list)
 
 
 class ProgressiveScheduler(ParamsMixin):
@@ -65,12 +73,22 @@ class ProgressiveScheduler(ParamsMixin):
         Sites kept per variable after each stage (overridden by ``Stage.keep``). Kept sites are
         the calibrated handle's sites by weight; if the handle has fewer, the remaining slots are
         filled from the coupling ranking (recorded as a fallback).
+    compete : bool, default True
+        After every stage but the first, each variable's refined handle competes with the handle in
+        effect (the previous stage's, or an earlier one's) on the calibration bank, by the
+        searcher's selection rule; ties keep the previous, coarser handle. Where the refinement
+        does not win, the previous handle stays in effect and the next stage narrows to the
+        previous stage's kept sites. :attr:`Localization.competition` records each decision with
+        both handles' scores; :attr:`Localization.handles` and :meth:`Localization.das_specs` use
+        the handles in effect. ``False``: every stage's own handle is in effect (earlier behaviour).
     """
 
-    def __init__(self, stages: _Sequence[Stage], searcher: OTAlignmentSearcher | None = None, keep: int = 1) -> None:
+    def __init__(self, stages: _Sequence[Stage], searcher: OTAlignmentSearcher | None = None, keep: int = 1,
+                 compete: bool = True) -> None:
         self.stages = stages
         self.searcher = searcher
         self.keep = keep
+        self.compete = compete
         self._validate()
 
     # ------------------------------------------------------------------------------------ params
@@ -81,6 +99,8 @@ class ProgressiveScheduler(ParamsMixin):
             raise PlotError(f"keep must be >= 1 (sites kept per variable), got {self.keep}")
         if stages[0].kind not in FIRST_STAGE_KINDS:
             raise PlotError(f"unknown first stage {stages[0].kind!r}")
+        if not isinstance(self.compete, (bool, _np.bool_)):
+            raise PlotError(f"compete must be True or False, got {self.compete!r}")
 
     def _stage_list(self) -> list[Stage]:
         """The stages as :class:`Stage` objects (dicts converted)."""
@@ -127,7 +147,8 @@ class ProgressiveScheduler(ParamsMixin):
         runtime = _time.perf_counter() - t0
         return Localization(model, variables, state.results, state.kept_all, state.reasons_all, state.bases, runtime,
                             stages, state.extra, candidates=state.cands_all, pca_info=dict(state.pca_info),
-                            screens=state.screens)
+                            screens=state.screens, handle_stage=state.handle_stage, competition=state.competition,
+                            support_width=state.widths, compete=bool(self.compete))
 
     def _run_stage(self, i: int, st: Stage, searcher: OTAlignmentSearcher, model, spec, fit_bank: PairBank,
                    calibration_bank: PairBank, variables: list[str], state: _RunState) -> None:
@@ -149,10 +170,25 @@ class ProgressiveScheduler(ParamsMixin):
                                  bases={k: v for k, v in state.bases.items() if any(c.basis == k for c in cands)},
                                  allowed=allowed)
         kept, reasons = self._select(res, allowed, st.keep or int(self.keep))
+        self._compete(i, res, spec, model, calibration_bank, searcher.selection, kept, reasons, state)
         state.kept = kept
         state.results.append(res)
         state.kept_all.append(kept)
         state.reasons_all.append(reasons)
+
+    def _compete(self, i: int, res: AlignmentResult, spec, model, calibration_bank: PairBank, rule: str, kept: dict,
+                 reasons: dict, state: _RunState) -> None:
+        """Stage ``i``'s handles against the handles in effect (``compete``); record widths and decisions."""
+        record = None
+        if i == 0 or not self.compete:
+            state.current = {v: InEffect(i, h) for v, h in res.handles.items()}
+        else:
+            record = compete_stage(i, res.handles, state.current, calibration_bank, model, rule)
+            keep_previous(kept, reasons, state.kept, record)
+        state.competition.append(record)
+        state.handle_stage.append({v: e.stage for v, e in state.current.items()})
+        state.widths.append({v: {"refined": support_width(res.handles[v], spec),
+                                 "kept": support_width(e.handle, spec)} for v, e in state.current.items()})
 
     # ------------------------------------------------------------------------------------
     def _screen(self, st: Stage, searcher: OTAlignmentSearcher, model, cands, allowed, bank: PairBank, bases,
@@ -219,22 +255,6 @@ class ProgressiveScheduler(ParamsMixin):
             reasons[v] = rs
         return kept, reasons
 
-    @staticmethod
-    def _fit_lib(key: str, searcher: OTAlignmentSearcher, model, par: Site, bank: PairBank,
-                 pca_info: dict) -> _np.ndarray:
-        """LIB basis (output Jacobian of the searcher's readout) at a kept site; orthonormal rows for the engine."""
-        from ..methods.bases import lib_basis
-
-        readout = searcher.readout or getattr(bank, "readout", None)
-        basis = lib_basis(model, Site(par.layer, par.component, par.position), bank, readout=readout)
-        pca_info[key] = {"kind": "lib", "n_states": int(basis.info["n_states"]), "rank": basis.rank,
-                         "importances": basis.importances.tolist(),
-                         "jacobian_target": basis.info.get("jacobian_target"),
-                         "orthonormalisation": "nested QR of the LIB encoder rows in importance order",
-                         "states": "fit-bank bases and sources at the kept site"}
-        _log.info("LIB basis %s built on %d states (rank %d)", key, basis.info["n_states"], basis.rank)
-        return basis.orthonormal_rows().astype(_np.float32)
-
     def _candidates(self, st: Stage, model, spec, bank: PairBank, kept, variables, searcher: OTAlignmentSearcher,
                     pca_info: dict):
         """Candidate sites (union over variables) and, per variable, the indices it may use."""
@@ -245,18 +265,19 @@ class ProgressiveScheduler(ParamsMixin):
             per_var = _position_candidates(st, spec, bank, kept, variables)
         elif st.kind == "coordinates":
             per_var = _coordinate_candidates(st, spec, kept, variables)
-        else:  # pca / lib: bands of a basis fitted at each kept site
+        else:  # pca / lib: bands or prefixes of a basis fitted at each kept site
+            readout = searcher.readout or getattr(bank, "readout", None)
             per_var = {}
             for v in variables:
                 parents = kept[v] if kept is not None else [Site(l, st.component, -1) for l in range(spec.n_layers)]
                 sites = []
                 for par in parents:
-                    key = f"{st.kind}:L{par.layer}:{par.component}@{par.position}"
+                    key = basis_key(st, par)
                     if key not in stage_bases and st.kind == "lib":
-                        stage_bases[key] = self._fit_lib(key, searcher, model, par, bank, pca_info)
+                        stage_bases[key] = fit_lib_at(key, st, readout, model, par, bank, pca_info)
                     if key not in stage_bases:
-                        stage_bases[key] = _fit_pca_at(key, model, par, bank, pca_info)
-                    sites.extend(_band_sites(par, key, stage_bases[key].shape[0], st.bands))
+                        stage_bases[key] = fit_pca_at(key, st, model, par, bank, pca_info)
+                    sites.extend(span_sites(st, par, key, stage_bases[key].shape[0]))
                 per_var[v] = sites
         union = list(dict.fromkeys(s for v in variables for s in per_var[v]))
         index = {s: i for i, s in enumerate(union)}
@@ -284,6 +305,8 @@ def _stage_searcher(searcher: OTAlignmentSearcher, st: Stage, allowed: _Mapping[
     overrides: dict[str, Any] = {"method": method}
     if st.kind in COARSE_KINDS:
         overrides.update(top_k=(1,), lambdas=(1.0,))
+    if st.prefixes is not None:  # nested spans are alternatives: one prefix per variable
+        overrides["top_k"] = (1,)
     if st.top_k is not None:
         overrides["top_k"] = tuple(st.top_k)
     if st.lambdas is not None:
@@ -317,7 +340,13 @@ def _position_candidates(st: Stage, spec, bank: PairBank, kept, variables) -> di
 
 
 def _coordinate_candidates(st: Stage, spec, kept, variables) -> dict[str, list[Site]]:
-    """``coordinates`` stage: contiguous coordinate groups of each width inside each kept site."""
+    """``coordinates`` stage: contiguous coordinate groups of each width inside each kept site.
+
+    After a previous stage, each kept site itself (the whole kept vector, or the kept coordinates)
+    is one more candidate, listed after the groups: a stage whose best candidate is the whole
+    vector reproduces the previous stage's handle. A group that covers a whole kept vector is that
+    vector (one candidate, not two). A first stage offers the groups only.
+    """
     per_var = {}
     for v in variables:
         parents = kept[v] if kept is not None else [Site(l, st.component, -1) for l in range(spec.n_layers)]
@@ -330,29 +359,11 @@ def _coordinate_candidates(st: Stage, spec, kept, variables) -> dict[str, list[S
                 if g > len(dims):
                     continue
                 for grp in coordinate_sites(par.layer, len(dims), g, par.component, par.position):
-                    sites.append(grp.with_(dims=tuple(dims[j] for j in grp.dims)))
+                    whole = kept is not None and g == len(dims)
+                    sites.append(par if whole else grp.with_(dims=tuple(dims[j] for j in grp.dims)))
         if not sites:
             raise SiteError(f"coordinates stage produced no candidates for {v!r} (group sizes {st.group_sizes} exceed the support)")
+        if kept is not None:
+            sites.extend(parents)
         per_var[v] = list(dict.fromkeys(sites))
     return per_var
-
-
-def _fit_pca_at(key: str, model, par: Site, bank: PairBank, pca_info: dict) -> _np.ndarray:
-    """Centred PCA basis (rows) of the fit bank's base and source states at a kept site; recorded in ``pca_info``."""
-    # the one collector, called as the stage always collected: bases and sources in two passes, "auto"
-    # batches, the model's dtype (the PCA works in float64 either way)
-    acts = site_activations(model, Site(par.layer, par.component, par.position), bank, batch_size="auto",
-                            split_bank=True, dtype=None)
-    V, _mean, _var = fit_pca_basis(acts)
-    pca_info[key] = {"n_states": int(acts.shape[0]), "rank": int(V.shape[0]),
-                     "states": "fit-bank bases and sources at the kept site"}
-    _log.info("PCA basis %s fitted on %d states (rank %d)", key, acts.shape[0], V.shape[0])
-    return V
-
-
-def _band_sites(par: Site, key: str, rank: int, bands: int) -> list[Site]:
-    """``min(bands, rank)`` near-equal bands of the basis ``key`` at the kept site ``par``, most important first."""
-    nb = min(bands, rank)
-    edges = _np.linspace(0, rank, nb + 1).round().astype(int)
-    return [Site(par.layer, par.component, par.position, dims=tuple(range(a, b)), basis=key)
-            for a, b in zip(edges[:-1], edges[1:]) if b > a]

@@ -10,6 +10,10 @@ from ..errors import PlotError
 from .screening import screener_names
 
 STAGE_KINDS = ("layer", "position", "coordinates", "pca", "lib")
+#: stage kinds whose candidates are spans of a fitted basis
+SPAN_KINDS = ("pca", "lib")
+#: which fit-bank states a span stage's basis is fitted on
+BASIS_INPUTS = ("base", "base+source")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +25,10 @@ class Stage:
     kind : {"layer", "position", "coordinates", "pca", "lib"}
         ``layer``: one whole-vector site per layer (per timestep for recurrent models);
         ``position``: token positions inside the kept layers; ``coordinates``: contiguous
-        coordinate groups inside the kept site; ``pca``: bands of a centred PCA basis fitted on the
-        fit bank's activations at the kept site; ``lib``: bands of a Local Interaction Basis
+        coordinate groups inside the kept site (after a previous stage, the whole kept vector is
+        always one more candidate, so the stage can reproduce the previous stage's handle);
+        ``pca``: bands or nested prefixes (``prefixes``) of a centred PCA basis fitted on the fit
+        bank's activations at the kept site; ``lib``: bands or prefixes of a Local Interaction Basis
         (:func:`pyvene_plot.methods.bases.lib_basis`, output-Jacobian variant on the searcher's readout
         logits) at the kept site. LIB directions are not orthogonal: the bands are taken from
         :meth:`~pyvene_plot.methods.bases.Basis.orthonormal_rows` (QR of the LIB encoder in importance
@@ -31,8 +37,19 @@ class Stage:
     group_sizes : tuple of int
         Widths of the coordinate groups (``coordinates`` stages); several widths give overlapping
         candidates.
-    bands : int
-        Number of equal bands of the basis, most important first (``pca`` and ``lib`` stages).
+    bands : int, optional
+        Number of equal bands of the basis, most important first (``pca`` and ``lib`` stages);
+        default 8 unless ``prefixes`` is given (the two are mutually exclusive).
+    prefixes : tuple of int, optional
+        ``pca`` / ``lib`` only: nested candidates, the span of the top ``r`` directions of the
+        basis for each ``r`` (clipped to the basis rank; the full rank is always included as the
+        widest prefix), as the reference's default PCA site menu (top-r, r in 16, 8, 4, 2, 1).
+        Nested spans must not be merged by top-k, so such a stage calibrates ``top_k=(1,)``
+        unless ``top_k`` is set: each variable chooses one prefix (and λ).
+    basis_inputs : {"base", "base+source"}, optional
+        ``pca`` / ``lib``: the fit-bank states the basis is fitted on. Default ``"base"`` (the fit
+        bank's bases, as the reference) for ``prefixes`` stages and ``"base+source"`` (every base
+        and source state, this package's earlier behaviour) for ``bands`` stages.
     keep : int, optional
         Sites kept per variable after this stage; default the scheduler's ``keep``.
     method : str, optional
@@ -66,7 +83,7 @@ class Stage:
 
     kind: str
     group_sizes: tuple[int, ...] = (1,)
-    bands: int = 8
+    bands: int | None = None
     keep: int | None = None
     method: str | None = None
     component: str = "block_output"
@@ -75,6 +92,8 @@ class Stage:
     lambdas: tuple[float, ...] | None = None
     screen: str | None = None
     screen_threshold: float | None = None
+    prefixes: tuple[int, ...] | None = None
+    basis_inputs: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
@@ -83,8 +102,7 @@ class Stage:
         if not gs or min(gs) < 1:
             raise PlotError(f"group_sizes must be positive integers, got {self.group_sizes}")
         object.__setattr__(self, "group_sizes", gs)
-        if int(self.bands) < 1:
-            raise PlotError(f"bands must be >= 1, got {self.bands}")
+        self._check_spans()
         if self.keep is not None and int(self.keep) < 1:
             raise PlotError(f"keep must be >= 1 (sites kept per variable), got {self.keep}")
         if self.positions is not None:
@@ -93,6 +111,35 @@ class Stage:
             raise PlotError(f"unknown screener {self.screen!r}; registered: {screener_names()} (see register_screener)")
         if self.screen_threshold is not None and not float(self.screen_threshold) >= 0:
             raise PlotError(f"screen_threshold must be >= 0, got {self.screen_threshold}")
+
+    def _check_spans(self) -> None:
+        """Validate ``bands`` / ``prefixes`` / ``basis_inputs`` and fill the default ``bands=8``."""
+        if self.prefixes is not None:
+            if self.bands is not None:
+                raise PlotError(f"Stage({self.kind!r}): bands={self.bands} and prefixes={self.prefixes} are mutually "
+                                "exclusive; pass bands= (a partition of the basis) or prefixes= (nested top-r spans)")
+            if self.kind not in SPAN_KINDS:
+                raise PlotError(f"prefixes apply to {SPAN_KINDS} stages only, not {self.kind!r}")
+            ps = tuple(sorted({int(p) for p in self.prefixes}))
+            if not ps or ps[0] < 1:
+                raise PlotError(f"prefixes must be positive integers, got {self.prefixes}")
+            object.__setattr__(self, "prefixes", ps)
+        elif self.bands is None:
+            object.__setattr__(self, "bands", 8)
+        if self.bands is not None and int(self.bands) < 1:
+            raise PlotError(f"bands must be >= 1, got {self.bands}")
+        if self.basis_inputs is not None:
+            if self.basis_inputs not in BASIS_INPUTS:
+                raise PlotError(f"basis_inputs must be one of {BASIS_INPUTS}, got {self.basis_inputs!r}")
+            if self.kind not in SPAN_KINDS:
+                raise PlotError(f"basis_inputs applies to {SPAN_KINDS} stages only, not {self.kind!r}")
+
+    @property
+    def fit_states(self) -> str:
+        """The fit-bank states a ``pca`` / ``lib`` basis is fitted on (``basis_inputs`` or its default)."""
+        if self.basis_inputs is not None:
+            return self.basis_inputs
+        return "base" if self.prefixes is not None else "base+source"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict (read back by :meth:`from_dict`)."""

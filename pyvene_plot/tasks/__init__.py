@@ -79,11 +79,17 @@ class Task:
 
 
 def task_signatures(task) -> tuple[str, ...]:
-    """Signature modes swept on calibration: prob_delta plus the two-class margin, or the logit delta."""
+    """Signature modes swept on calibration for a task.
+
+    ``prob_delta`` plus the two-class margin (binary outputs) or the logit delta (more classes), and
+    ``family_mean`` when the fit bank carries counterfactual families (see :class:`PairBank`); which
+    one is used is chosen on the calibration bank, never here.
+    """
     labels = set(task.fit.base_labels.tolist())
     for v in task.variables:
         labels |= set(task.fit.labels(v).tolist())
-    return ("prob_delta", "margin_delta") if labels <= {0, 1} else ("prob_delta", "logit_delta")
+    modes = ("prob_delta", "margin_delta") if labels <= {0, 1} else ("prob_delta", "logit_delta")
+    return modes + (("family_mean",) if task.fit.family is not None else ())
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}

@@ -91,6 +91,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..data import check_family
 from ..errors import BankError
 from . import Task, register
 from ._lm import (
@@ -288,7 +289,7 @@ def _build_bank(model, tok, cm, answers, label_ids, pairs, n_want, name, batch_s
     })
     bank.meta = meta
     bank.settings = ([pairs[i][0] for i in kept], [pairs[i][1] for i in kept])  # type: ignore[attr-defined]
-    bank.families = [pairs[i][2] for i in kept]  # type: ignore[attr-defined]
+    bank.family = check_family([pairs[i][2] for i in kept], len(bank), name)  # counterfactual family per pair
     if n_used < n_want:
         logger.warning("bank %s: only %d of the %d requested pairs survived filtering", name, n_used, n_want)
     return bank

@@ -104,6 +104,7 @@ import time
 
 import torch
 
+from ..data import check_family
 from ..errors import BankError
 from . import Task, register
 from ._lm import (  # LM_COMPARE_OPTIONS stays readable as ioi.LM_COMPARE_OPTIONS (tests use it)
@@ -290,7 +291,7 @@ def _build_bank(model, tok, cm, pairs, n_want, name_ids, name, batch_size):
     })
     bank.meta = meta
     bank.settings = ([pairs[i][0] for i in kept], [pairs[i][1] for i in kept])  # type: ignore[attr-defined]
-    bank.families = [pairs[i][2] for i in kept]  # type: ignore[attr-defined]
+    bank.family = check_family([pairs[i][2] for i in kept], len(bank), name)  # counterfactual family per pair
     if n_used < n_want:
         logger.warning("bank %s: only %d of the %d requested pairs survived filtering", name, n_used, n_want)
     return bank

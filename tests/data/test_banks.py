@@ -196,3 +196,70 @@ def test_pair_sampler_and_dict_inputs(cm):
     assert bool(bank.changed("S").all())
     with pytest.raises(pp.BankError, match="pair_sampler"):
         pp.PairBank.from_causal_model(cm, to_inputs, n=5, variables=["S"], pair_sampler="not callable")
+
+
+# ----------------------------------------------------------------------------- families
+def _distinct_bank(n: int = 40, family=None) -> pp.PairBank:
+    """Rows identified by their base value ``i``; the family of row ``i`` defaults to ``f{i % 3}``."""
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1)
+    fam = [f"f{i % 3}" for i in range(n)] if family is None else family
+    return pp.PairBank(x, x + 100, torch.zeros(n, dtype=torch.long), {"V": torch.arange(n) % 2}, family=fam)
+
+
+def test_family_is_validated_and_stored_as_str():
+    bank = _distinct_bank(6, family=torch.tensor([0, 1, 0, 1, 2, 2]))
+    assert bank.family == ["0", "1", "0", "1", "2", "2"]
+    assert bank.families == ["0", "1", "2"] and bank.family_counts() == {"0": 2, "1": 2, "2": 2}
+    assert bank.summary()["family_counts"] == {"0": 2, "1": 2, "2": 2}
+    plain = pp.PairBank(bank.base, bank.source, bank.base_labels, bank.counterfactual_labels)
+    assert plain.family is None and plain.families == [] and "family_counts" not in plain.summary()
+    with pytest.raises(pp.BankError, match="family has 5 labels but the bank has N=6"):
+        _distinct_bank(6, family=["a"] * 5)
+    with pytest.raises(pp.BankError, match="single string"):
+        _distinct_bank(6, family="aaaaaa")
+    with pytest.raises(pp.BankError, match="not None"):
+        _distinct_bank(3, family=["a", None, "b"])
+    with pytest.raises(pp.BankError, match="1-d"):
+        _distinct_bank(4, family=torch.zeros(2, 2))
+
+
+def test_split_subset_to_and_select_keep_families_with_their_pairs():
+    bank = _distinct_bank(40)
+    parts = bank.split([0.5, 0.25, 0.25], seed=1)
+    sub = bank.subset([5, 3, 3, 10])
+    for p in (*parts, sub, bank.to("cpu"), bank.select_variables(["V"])):
+        ids = p.base.flatten().long().tolist()
+        assert p.family == [f"f{i % 3}" for i in ids]
+    assert sub.family == ["f2", "f0", "f0", "f1"]
+    assert sum(sum(p.family_counts().values()) for p in parts) == 40
+
+
+def test_from_causal_model_derives_families_from_differing_variables(cm, bank):
+    # variables=["S"]: the family is "S" when A + B differs between base and source, else "none"
+    bases, sources = _decode(bank.base), _decode(bank.source)
+    expected = ["S" if b["A"] + b["B"] != s["A"] + s["B"] else "none" for b, s in zip(bases, sources)]
+    assert bank.family == expected and set(expected) == {"S", "none"}
+    assert bank.meta["family"] == "differing_variables"
+    # two variables: "+"-joined in variables order
+    cm2 = _sum_times_causal_model(with_inert=True)
+    two = pp.PairBank.from_causal_model(cm2, _to_inputs, n=80, variables=["S", "T"], output_var="O", seed=0,
+                                        balance=False)
+    for b, s, f in zip(_decode(two.base), _decode(two.source), two.family):
+        diff = [v for v, val in (("S", lambda d: d["A"] + d["B"]), ("T", lambda d: d["B"] * d["C"]))
+                if val(b) != val(s)]
+        assert f == ("+".join(diff) or "none")
+    assert "S+T" in two.family
+
+
+def test_from_causal_model_families_change_no_number(cm, bank):
+    off = pp.PairBank.from_causal_model(cm, _to_inputs, n=300, variables=["S"], seed=3, name="all", family=False)
+    assert off.family is None and "family" not in off.meta
+    custom = pp.PairBank.from_causal_model(cm, _to_inputs, n=300, variables=["S"], seed=3,
+                                           family=lambda b, s: f"C{b['C']}")
+    assert custom.family == [f"C{b['C']}" for b in _decode(custom.base)] and custom.meta["family"] == "custom"
+    for other in (off, custom):
+        assert torch.equal(other.base, bank.base) and torch.equal(other.source, bank.source)
+        assert torch.equal(other.base_labels, bank.base_labels) and torch.equal(other.labels("S"), bank.labels("S"))
+        assert other.settings == bank.settings and other.meta["draws"] == bank.meta["draws"]
+    with pytest.raises(pp.BankError, match="family must be True, False or a callable"):
+        pp.PairBank.from_causal_model(cm, _to_inputs, n=5, variables=["S"], family="yes")

@@ -7,9 +7,8 @@ import pyvene as pv
 import torch
 
 import pyvene_plot as pp
-from pyvene_plot.localize import BankCache, Candidate, score_candidates
-from pyvene_plot.localize import InterchangeEngine
 from pyvene_plot.interventions import SoftInterchangeIntervention, SoftSpanInterchangeIntervention
+from pyvene_plot.localize import BankCache, Candidate, InterchangeEngine, score_candidates
 
 
 def test_handle_config_is_pyvene_config_with_plot_interventions(heq_task):

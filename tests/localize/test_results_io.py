@@ -69,3 +69,20 @@ def test_empty_truncated_and_incomplete_files(planted_result, tmp_path):
     assert str(bad) in str(info.value)
     with pytest.raises(pp.PlotError, match="cannot read"):
         pp.AlignmentResult.from_json(tmp_path / "absent.json")
+
+
+def test_row_contrast_and_cost_scale_round_trip(planted_result, tmp_path):
+    loaded = pp.AlignmentResult.from_json(planted_result.to_json(tmp_path / "r.json"))
+    want = planted_result.diagnostics
+    assert set(want["row_contrast"]) == set(planted_result.variables)
+    for v in planted_result.variables:
+        for key in ("entropy", "max_over_median"):
+            got = loaded.diagnostics["row_contrast"][v][key]
+            assert isinstance(got, float) and got == want["row_contrast"][v][key]
+    assert loaded.diagnostics["cost_spread"] == want["cost_spread"] > 0
+    assert loaded.diagnostics["epsilon_scale"] == "spread"
+    for a, b in zip(planted_result.trials, loaded.trials):
+        assert a.get("row_contrast") == b.get("row_contrast")
+    # the tie-break reads the full-swap scores from the loaded diagnostics: same ranking
+    for v in planted_result.variables:
+        assert loaded.ranking(v) == planted_result.ranking(v)

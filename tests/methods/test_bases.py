@@ -343,7 +343,7 @@ def test_lib_stage_in_scheduler_candidates_are_bands():
     task = pp.tasks.load("binary_addition", seed=0)
     searcher = pp.OTAlignmentSearcher(method="ot", readout=task.readout, progress=False, epsilon=[0.05],
                                       top_k=(1, 2), lambdas=(1.0,))
-    loc = pp.ProgressiveScheduler([pp.Stage("layer"), pp.Stage("lib", bands=3)], searcher).run(
+    loc = pp.ProgressiveScheduler([pp.Stage("layer"), pp.Stage("lib", bands=3)], searcher, compete=False).run(
         task.model, task.fit, task.calibration)
     # basis fitting time is charged to the lib stage only (the layer stage fits no basis)
     assert loc.stage_specs[1].kind == "lib" and loc.extra_s[0] == 0.0 and loc.extra_s[1] > 0

@@ -1,5 +1,6 @@
-"""Localization JSON: every field (stages, results, kept sites, candidates, bases, screens) round-trips,
-and empty, truncated or incomplete files raise a PlotError that names the file and what is missing."""
+"""Localization JSON: every field (stages, results, kept sites, candidates, bases, screens, the
+competition between stages, handles in effect, support widths) round-trips, version-1 files are still
+read, and empty, truncated or incomplete files raise a PlotError that names the file and what is missing."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_every_field_round_trips(pca_loc, binary_task, tmp_path):
     assert loc.bases and loc.pca_info and loc.screens[0] is not None  # the fixture exercises every field
     path = loc.to_json(tmp_path / "loc.json")
     raw = json.loads(path.read_text())
-    assert raw["format_version"] == 1 and raw["writer"] == f"pyvene_plot {pp.__version__}"
+    assert raw["format_version"] == 2 and raw["writer"] == f"pyvene_plot {pp.__version__}"
     back = pp.Localization.from_json(path, model=binary_task.model)
     assert back.model is binary_task.model
     assert back.variables == loc.variables
@@ -43,11 +44,37 @@ def test_every_field_round_trips(pca_loc, binary_task, tmp_path):
     assert (back.runtime_s, back.extra_s) == (loc.runtime_s, loc.extra_s)
     assert canonical(back.pca_info) == canonical(loc.pca_info)
     assert canonical(back.screens) == canonical(loc.screens)
+    # the competition between stages: who was kept, both scores, the handles in effect, support widths
+    assert back.compete is loc.compete is True
+    assert back.handle_stage == loc.handle_stage and back.support_width == loc.support_width
+    assert canonical(back.competition) == canonical(loc.competition)
+    assert loc.competition[0] is None and set(loc.competition[1]["variables"]) == set(loc.variables)
+    for v in loc.variables:
+        assert back.handles[v].sites == loc.handles[v].sites and back.handles[v].weights == loc.handles[v].weights
     assert canonical(back.to_dict()) == canonical(loc.to_dict())
     # what a loaded localisation is for: the same DAS menu and the same IIA
     assert [repr(s) for s in back.das_specs()] == [repr(s) for s in loc.das_specs()]
     assert back.evaluate(binary_task.test) == loc.evaluate(binary_task.test)
     assert back.runtime_until(1) == loc.runtime_until(1)
+
+
+def test_version_1_files_are_read_with_each_stage_handle_in_effect(pca_loc, binary_task, tmp_path):
+    d = pca_loc.to_dict()
+    for k in ("compete", "handle_stage", "competition", "support_width"):
+        del d[k]
+    d["format_version"] = 1
+    old = pp.Localization.from_dict(json.loads(json.dumps(d)), model=binary_task.model)
+    assert old.compete is False and old.handle_stage == [{v: i for v in old.variables} for i in range(2)]
+    assert old.competition == [None, None] and old.support_width == [{}, {}]
+    assert all(old.handles[v].sites == old.final.handles[v].sites for v in old.variables)
+    d = pca_loc.to_dict()
+    del d["support_width"]  # a version-2 file without its new fields is incomplete
+    with pytest.raises(pp.PlotError, match="support_width"):
+        pp.Localization.from_dict(d)
+    d = pca_loc.to_dict()
+    d["handle_stage"][0] = {v: 1 for v in d["variables"]}  # a stage cannot keep a later stage's handle
+    with pytest.raises(pp.PlotError, match="handle_stage"):
+        pp.Localization.from_dict(d)
 
 
 def test_empty_truncated_and_incomplete_files(pca_loc, tmp_path):
@@ -75,3 +102,6 @@ def test_stage_from_dict_restores_tuples_and_refuses_unknown_fields():
         pp.Stage.from_dict({"kind": "layer", "bandz": 3})
     with pytest.raises(pp.PlotError, match="missing"):
         pp.Stage.from_dict({"bands": 3})
+    pre = pp.Stage("pca", prefixes=(16, 1, 4), basis_inputs="base+source")
+    assert pre.prefixes == (1, 4, 16) and pre.bands is None
+    assert pp.Stage.from_dict(json.loads(json.dumps(pre.to_dict()))) == pre

@@ -57,7 +57,9 @@ def test_timestep_stage_puts_carries_at_their_timestep(binary_loc):
     # the total covers every stage and nothing is counted twice
     stages_s = sum(r.runtime_s for r in binary_loc.stages)
     assert binary_loc.runtime_s >= stages_s
-    assert binary_loc.runtime_until(2) == pytest.approx(stages_s + sum(binary_loc.extra_s))
+    compete_s = binary_loc.competition[1]["runtime_s"]
+    assert compete_s > 0 and binary_loc.competition[0] is None
+    assert binary_loc.runtime_until(2) == pytest.approx(stages_s + sum(binary_loc.extra_s) + compete_s)
     assert binary_loc.runtime_until(1) == pytest.approx(binary_loc.stages[0].runtime_s)
 
 
@@ -69,8 +71,13 @@ def test_das_specs_restricted_to_support(binary_loc, binary_task):
         mine = [s for s in specs if s.variable == v]
         kept_spec = [s for s in mine if s.source.endswith(":kept")]
         assert len(kept_spec) == 1
-        dims = sorted({d for k in kept for d in k.dims})
-        assert list(kept_spec[0].dims) == dims and max(kept_spec[0].subspace_sizes) <= len(dims)
+        whole = any(k.dims is None for k in kept)
+        dims = None if whole else sorted({d for k in kept for d in k.dims})
+        assert (kept_spec[0].dims is None) if whole else list(kept_spec[0].dims) == dims
+        assert max(kept_spec[0].subspace_sizes) <= (16 if whole else len(dims))
+        # the menu follows the handle in effect: the layer stage's where the refinement lost
+        j = binary_loc.handle_stage[-1][v]
+        assert all(s.source.startswith(f"plot:{binary_loc.stage_specs[j].kind}:") for s in mine)
         # every spec of the menu sits at the kept hook; the parent is the whole vector there
         assert all(s.layer == kept[0].layer for s in mine)
         assert any(s.dims is None for s in mine)  # the whole vector at the kept hook (parent or handle)
@@ -82,8 +89,10 @@ def test_das_specs_restricted_to_support(binary_loc, binary_task):
 def test_pca_stage_basis_and_span_handles(binary_task):
     searcher = pp.OTAlignmentSearcher(method="ot", readout=binary_task.readout, progress=False, epsilon=[0.05],
                                       top_k=(1, 2), lambdas=(1.0,))
-    loc = pp.ProgressiveScheduler([pp.Stage("layer"), pp.Stage("pca", bands=4)], searcher).run(
+    # compete=False: every variable keeps the PCA stage's own span handle (the machinery under test)
+    loc = pp.ProgressiveScheduler([pp.Stage("layer"), pp.Stage("pca", bands=4)], searcher, compete=False).run(
         binary_task.model, binary_task.fit, binary_task.calibration)
+    assert loc.competition == [None, None] and loc.handle_stage == [{v: i for v in loc.variables} for i in (0, 1)]
     assert loc.bases and loc.pca_info
     for key, V in loc.bases.items():
         assert np.allclose(V @ V.T, np.eye(V.shape[0]), atol=1e-4)
@@ -163,3 +172,22 @@ def test_das_specs_accepted_and_trained_by_pyvene(binary_loc, binary_task):
     recorded = chosen[0]["calibration"]["iia"]
     assert das.best["C2"].iia(binary_task.calibration) == pytest.approx(recorded, abs=1.0 / len(binary_task.calibration))
     assert das.runtime_s >= sum(c["train_s"] + c["calibration_s"] for c in das.candidates)
+
+
+def test_span_stage_options_are_validated():
+    with pytest.raises(pp.PlotError, match="mutually exclusive"):
+        pp.Stage("pca", bands=8, prefixes=(1, 2))
+    with pytest.raises(pp.PlotError, match="prefixes"):
+        pp.Stage("coordinates", prefixes=(1,))
+    with pytest.raises(pp.PlotError, match="prefixes"):
+        pp.Stage("pca", prefixes=(0, 2))
+    with pytest.raises(pp.PlotError, match="basis_inputs"):
+        pp.Stage("pca", basis_inputs="sources")
+    with pytest.raises(pp.PlotError, match="basis_inputs"):
+        pp.Stage("layer", basis_inputs="base")
+    # bands stages keep their default (8 bands of a basis of bases and sources); prefixes fit on bases
+    assert (pp.Stage("pca").bands, pp.Stage("pca").fit_states) == (8, "base+source")
+    assert pp.Stage("pca") == pp.Stage("pca", bands=8)
+    assert (pp.Stage("lib", prefixes=(4,)).bands, pp.Stage("lib", prefixes=(4,)).fit_states) == (None, "base")
+    with pytest.raises(pp.PlotError, match="compete"):
+        pp.ProgressiveScheduler([pp.Stage("layer")], compete="yes")

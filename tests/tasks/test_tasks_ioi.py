@@ -292,7 +292,7 @@ def test_handle_full_swap_equals_pyvene_vanilla(task):
     assert (preds != bank.base_labels).any(), "a full swap at the last token changed no prediction"
     # At this layer the last token does not yet hold the IO name: pairs with new names but the same
     # repeated slot keep the base answer.
-    new_names = torch.tensor([f == "new_names" for f in bank.families])
+    new_names = torch.tensor([f == "new_names" for f in bank.family])
     assert new_names.any()
     assert (preds[new_names] == bank.base_labels[new_names]).float().mean() >= 0.8
 
