@@ -25,7 +25,6 @@ from pyvene_plot.localize import (
     AUTO_RANGE_BETA_FACTORS,
     AUTO_RANGE_EPSILON_FACTORS,
     ROW_CONTRAST_CAP,
-    _warn_if_uninformative,
     cost_spread,
     rank_sites,
     row_contrast,
@@ -33,6 +32,7 @@ from pyvene_plot.localize import (
     truncate_row,
 )
 from pyvene_plot.localize._fit_steps import CostVariant
+from pyvene_plot.localize._search import _warn_if_uninformative
 from pyvene_plot.localize._transport import _uot_log
 
 
