@@ -65,7 +65,10 @@ AUTO_EPSILON_FACTORS = (0.01, 0.1, 1.0)
 #: β = factor x (the same scale as ε) when beta="auto" (uot): from free site marginals (each row
 #: keeps its own best sites) to nearly balanced ones (rows spread over many sites, as distributed
 #: variables such as HEQ's need)
-AUTO_BETA_FACTORS = (1.0, 10.0, 100.0)
+AUTO_BETA_FACTORS = (1.0, 100.0)
+#: ``epsilon="auto"`` never goes below ``(largest within-row cost range) / this``, where POT's kernel
+#: ``exp(-C/ε)`` underflows for far-off columns and its scaling iterations stop
+AUTO_EPSILON_MIN_RANGE_RATIO = 200.0
 #: the grids of epsilon="auto-range" / beta="auto-range": factor x cost range (the default before
 #: issue 12, kept so that old numbers can be reproduced)
 AUTO_RANGE_EPSILON_FACTORS = (0.01, 0.03, 0.1)
@@ -400,7 +403,7 @@ class OTAlignmentSearcher(ParamsMixin):
         """Handles of the selected setting, diagnostics and the :class:`AlignmentResult` (last step of :meth:`fit`)."""
         rec, plan, chosen, all_cands, vi = sweep.best
         var = variants[vi]
-        scales = {k: rec[k] for k in ("cost_range", "cost_spread")}
+        scales = {k: rec[k] for k in ("cost_range", "cost_spread", "row_range")}
         _warn_if_uninformative(rec)
         sites, variables, bases_t = setup.sites, setup.variables, setup.bases
         handles, calib = calibrated_handles(model, sites, variables, chosen, all_cands, setup.readout, bases_t)
@@ -432,6 +435,7 @@ class OTAlignmentSearcher(ParamsMixin):
         """The cost's range and spread (floored sites left out of the spread) and which one ε uses."""
         C = variant.C
         return {"cost_range": float(C.max() - C.min()), "cost_spread": cost_spread(C, exclude=variant.floored),
+                "row_range": float((C.max(1) - C.min(1)).max()),
                 "epsilon_scale": "range" if self.epsilon == "auto-range" else "spread"}
 
     def _epsilon_grid(self, scales: Mapping[str, Any]) -> tuple[float, ...]:
@@ -442,7 +446,11 @@ class OTAlignmentSearcher(ParamsMixin):
             return AUTO_EPSILON_FIXED[self.method]
         if g == "auto-range":
             return tuple(f * _positive(scales["cost_range"]) for f in AUTO_RANGE_EPSILON_FACTORS)
-        return tuple(f * _positive(scales["cost_spread"]) for f in AUTO_EPSILON_FACTORS)
+        # never below (largest within-row range) / AUTO_EPSILON_MIN_RANGE_RATIO: there POT's kernel
+        # exp(-C/ε) underflows for far-off columns and its scaling iterations stop
+        floor = _positive(scales["row_range"]) / AUTO_EPSILON_MIN_RANGE_RATIO
+        grid = (max(f * _positive(scales["cost_spread"]), floor) for f in AUTO_EPSILON_FACTORS)
+        return tuple(dict.fromkeys(grid))
 
     def _beta_grid(self, scales: Mapping[str, Any]) -> tuple:
         if self.method != "uot":

@@ -399,11 +399,10 @@ def _uot_continuation(
 ) -> tuple[np.ndarray, int, bool]:
     """POT unbalanced Sinkhorn warm-started along a geometric ε path ending at ``eps``.
 
-    POT's unbalanced scaling iterations work with the kernel ``exp(-C/ε)``, which underflows at small
-    ε (a column whose every cost exceeds ~700 ε gets no mass and the iteration stops with "Numerical
-    errors"). From the first ε of the path where that happens, the same fixed point is computed in
-    the log domain (:func:`_uot_log`), warm-started from the last good potentials, so small ε stay
-    stable; plans that POT solves cleanly are POT's own.
+    POT only: where its scaling iterations under/overflow at a small ε (POT's log-stabilised
+    unbalanced solver fails the same way on such costs, at its first iteration), the plan is left
+    non-finite and :func:`solve_transport` raises a :class:`TransportError` naming ε; an ``"auto"``
+    sweep records that setting as failed and goes on with the others.
     """
     start = max(float(C.max()), eps)
     path = [start]
@@ -413,63 +412,20 @@ def _uot_continuation(
     total, converged = 0, True
     P = None
     prev = None
-    log_domain = False
     for e in path:
         if ws is not None:
             ws = (ws[0] * prev / e, ws[1] * prev / e)  # same potentials, new ε
-        if not log_domain:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                P, log = ot.unbalanced.sinkhorn_unbalanced(
-                    a, b, C, reg=e, reg_m=reg_m, method="sinkhorn", reg_type="entropy", warmstart=ws,
-                    numItermax=max_iter, stopThr=tol, log=True,
-                )
-            numerical = any("Numerical" in str(w.message) for w in caught) or not np.all(np.isfinite(P))
-            if not numerical:
-                total += len(log.get("err", []))
-                converged = not any("did not converge" in str(w.message) for w in caught)
-                ws, prev = (log["logu"], log["logv"]), e
-                continue
-            log_domain = True
-            logger.debug("uot: kernel underflow at epsilon=%.3g; continuing in the log domain", e)
-        P, ws, n_it, converged = _uot_log(a, b, C, e, reg_m, max_iter, tol, ws)
-        total += n_it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            P, log = ot.unbalanced.sinkhorn_unbalanced(
+                a, b, C, reg=e, reg_m=reg_m, method="sinkhorn", reg_type="entropy", warmstart=ws,
+                numItermax=max_iter, stopThr=tol, log=True,
+            )
+        errs = log.get("err", [])
+        total += len(errs)
+        converged = not any("did not converge" in str(w.message) or "Numerical" in str(w.message) for w in caught)
+        ws = (log["logu"], log["logv"])
         prev = e
-    return P, total, converged
-
-
-def _uot_log(
-    a: np.ndarray, b: np.ndarray, C: np.ndarray, eps: float, reg_m: tuple, max_iter: int, tol: float,
-    warmstart: tuple | None,
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], int, bool]:
-    """Log-domain version of POT's unbalanced scaling (``reg_type="entropy"``), same fixed point.
-
-    With potentials ``f = ε log u`` and ``g = ε log v``:
-    ``f_i = τ_a ε (log a_i - LSE_j((g_j - C_ij)/ε))``, ``g_j = τ_b ε (log b_j - LSE_i((f_i - C_ij)/ε))``,
-    ``τ = β/(β+ε)`` (1 for an exact marginal) and ``P_ij = exp((f_i + g_j - C_ij)/ε)``; ``g`` is
-    updated before ``f``, so an exact row marginal holds to rounding in the returned plan. Stops when
-    the largest change of ``log u`` or ``log v`` falls below ``tol``.
-
-    Returns the plan, the warm start ``(log u, log v)`` for the next ε, iterations and convergence.
-    """
-    from scipy.special import logsumexp
-
-    taus = [1.0 if not np.isfinite(r) else r / (r + eps) for r in reg_m]
-    la, lb = np.log(a), np.log(b)
-    if warmstart is None:
-        lu, lv = np.zeros_like(a), np.zeros_like(b)
-    else:
-        lu, lv = np.asarray(warmstart[0], dtype=np.float64), np.asarray(warmstart[1], dtype=np.float64)
-    Z = -C / eps
-    converged, it = False, 0
-    for it in range(1, max_iter + 1):
-        # sites first, then variables: the returned plan meets an exact row marginal to rounding
-        lv_new = taus[1] * (lb - logsumexp(Z + lu[:, None], axis=0))
-        lu_new = taus[0] * (la - logsumexp(Z + lv_new[None, :], axis=1))
-        err = max(float(np.abs(lu_new - lu).max()), float(np.abs(lv_new - lv).max()))
-        lu, lv = lu_new, lv_new
-        if err < tol:
-            converged = True
+        if not np.all(np.isfinite(P)):
             break
-    P = np.exp(Z + lu[:, None] + lv[None, :])
-    return P, (lu, lv), it, converged
+    return P, total, converged

@@ -22,6 +22,7 @@ import pyvene_plot as pp
 from pyvene_plot.localize import (
     AUTO_BETA_FACTORS,
     AUTO_EPSILON_FACTORS,
+    AUTO_EPSILON_MIN_RANGE_RATIO,
     AUTO_RANGE_BETA_FACTORS,
     AUTO_RANGE_EPSILON_FACTORS,
     ROW_CONTRAST_CAP,
@@ -33,7 +34,6 @@ from pyvene_plot.localize import (
 )
 from pyvene_plot.localize._fit_steps import CostVariant
 from pyvene_plot.localize._search import _warn_if_uninformative
-from pyvene_plot.localize._transport import _uot_log
 
 
 def _outlier_cost(seed: int = 0) -> np.ndarray:
@@ -70,22 +70,36 @@ def test_cost_spread_is_the_pooled_mad_of_row_centred_costs():
     assert cost_spread(np.full((2, 3), 7.0)) == 1.0
 
 
+def _plain_cost(seed: int = 0) -> np.ndarray:
+    """2 variables x 30 sites without far-off columns: costs in [1, 1.05], each row's best site 0.02 lower."""
+    rng = np.random.default_rng(seed)
+    C = 1.0 + 0.05 * rng.random((2, 30))
+    C[0, 3], C[1, 7] = 0.98, 0.98
+    return C
+
+
 def test_auto_grid_scales_with_the_cost_spread_not_its_offset():
-    C = _outlier_cost()
     s = pp.OTAlignmentSearcher(method="uot")
-    eps, beta = _grids(s, C)
-    np.testing.assert_allclose(eps, np.asarray(AUTO_EPSILON_FACTORS) * cost_spread(C))
-    np.testing.assert_allclose(beta, np.asarray(AUTO_BETA_FACTORS) * cost_spread(C))
-    eps10, beta10 = _grids(s, 10.0 * C)
-    np.testing.assert_allclose(eps10, 10.0 * eps, rtol=1e-12)
-    np.testing.assert_allclose(beta10, 10.0 * beta, rtol=1e-12)
-    eps_shift, beta_shift = _grids(s, C + 3.0)
-    np.testing.assert_allclose(eps_shift, eps, rtol=1e-9)
-    np.testing.assert_allclose(beta_shift, beta, rtol=1e-9)
-    # a per-row shift (which leaves one-sided UOT plans unchanged) leaves the grid unchanged too
-    np.testing.assert_allclose(_grids(s, C + np.array([[0.0], [5.0]]))[0], eps, rtol=1e-9)
-    # the spread is far below the range here: the outlier column sets the range
+    for C in (_plain_cost(), _outlier_cost()):
+        floor = (C.max(1) - C.min(1)).max() / AUTO_EPSILON_MIN_RANGE_RATIO
+        eps, beta = _grids(s, C)
+        want = list(dict.fromkeys(max(f * cost_spread(C), floor) for f in AUTO_EPSILON_FACTORS))
+        np.testing.assert_allclose(eps, want)
+        np.testing.assert_allclose(beta, np.asarray(AUTO_BETA_FACTORS) * cost_spread(C))
+        eps10, beta10 = _grids(s, 10.0 * C)
+        np.testing.assert_allclose(eps10, 10.0 * eps, rtol=1e-12)
+        np.testing.assert_allclose(beta10, 10.0 * beta, rtol=1e-12)
+        eps_shift, beta_shift = _grids(s, C + 3.0)
+        np.testing.assert_allclose(eps_shift, eps, rtol=1e-9)
+        np.testing.assert_allclose(beta_shift, beta, rtol=1e-9)
+        # a per-row shift (which leaves one-sided UOT plans unchanged) leaves the grid unchanged too
+        np.testing.assert_allclose(_grids(s, C + np.array([[0.0], [5.0]]))[0], eps, rtol=1e-9)
+    # without far-off columns the spread sets the grid; with one, the underflow floor does
+    C = _plain_cost()
+    assert _grids(s, C)[0][0] == pytest.approx(0.01 * cost_spread(C)) or _grids(s, C)[0][0] > 0.01 * cost_spread(C)
+    C = _outlier_cost()
     assert cost_spread(C) < 0.01 * (C.max() - C.min())
+    assert _grids(s, C)[0][0] == pytest.approx((C.max(1) - C.min(1)).max() / AUTO_EPSILON_MIN_RANGE_RATIO)
 
 
 def test_auto_range_keeps_the_old_grids():
@@ -101,47 +115,32 @@ def test_auto_range_keeps_the_old_grids():
 
 
 @pytest.mark.parametrize("method", ["uot", "ot"])
-def test_range_grid_gives_flat_rows_spread_grid_reaches_the_best_site(method):
-    C = _outlier_cost()
-    best = [3, 7]
+def test_spread_grid_reaches_sharper_rows_than_the_range_grid(method):
+    """The new grid's smallest ε lies below the old one's, and at equal β its rows are sharper."""
+    C = _plain_cost()
     old_eps, old_beta = _grids(pp.OTAlignmentSearcher(method=method, epsilon="auto-range"), C)
-    for e in old_eps:
-        for b in old_beta:
-            P = solve_transport(C, method, e, b).coupling
-            assert max(row_contrast(P)["max_over_median"]) < 1.2  # transport barely informs the rows
-    new_eps, new_beta = _grids(pp.OTAlignmentSearcher(method=method), C)
-    P = solve_transport(C, method, new_eps[0], new_beta[0]).coupling  # smallest ε and β of the grid
-    R = P / P.sum(1, keepdims=True)
-    if method == "uot":  # each row gives most of its mass to its own best site
-        for r, j in enumerate(best):
-            assert int(np.argmax(R[r])) == j and R[r, j] > 0.5  # most of the row
-    else:  # balanced OT caps each site at 1/30 of the mass, so a row fills 15 sites: best first among them
-        for r, j in enumerate(best):
-            assert R[r, j] == pytest.approx(R[r].max())
-            assert np.sort(R[r])[-15] > 0.99 / 15 and np.sort(R[r])[-16] < 1e-3
-            assert row_contrast(P)["max_over_median"][r] > 1.9
+    new_eps, _ = _grids(pp.OTAlignmentSearcher(method=method), C)
+    assert new_eps[0] < old_eps[0]
+    old = row_contrast(solve_transport(C, method, old_eps[0], old_beta[0]).coupling)
+    new = row_contrast(solve_transport(C, method, new_eps[0], old_beta[0]).coupling)
+    assert all(n < o for n, o in zip(new["entropy"], old["entropy"]))
     # the largest ε of the new grid is smooth again (the sweep spans hard to soft plans)
-    P_soft = solve_transport(C, method, new_eps[-1], new_beta[-1]).coupling
-    hard, soft = row_contrast(P), row_contrast(P_soft)
-    assert all(s > h + 0.05 for s, h in zip(soft["entropy"], hard["entropy"]))
-    if method == "uot":
-        assert min(soft["entropy"]) > 0.5 > max(hard["entropy"])
+    soft = row_contrast(solve_transport(C, method, new_eps[-1], old_beta[0]).coupling)
+    assert all(s > n for s, n in zip(soft["entropy"], new["entropy"]))
 
 
-def test_uot_small_epsilon_is_stable_in_the_log_domain():
+def test_every_auto_setting_solves_on_a_cost_with_a_far_column():
+    """POT's UOT scaling underflows below range/200 on far-off columns: the grid stops there, and a
+    user-given ε below it fails with an error naming ε, never a silently wrong plan."""
     C = _outlier_cost()
-    C = C - C.min(1, keepdims=True)
-    a, b = ot.unif(2), ot.unif(30)
-    eps = 0.01 * cost_spread(C)  # exp(-100/eps) underflows: POT's own iteration stops with NaNs
-    plan = solve_transport(C, "uot", eps, 0.1 * cost_spread(C))
-    assert np.all(np.isfinite(plan.coupling)) and plan.converged
-    np.testing.assert_allclose(plan.coupling.sum(1), a, atol=1e-9)
-    # where POT is stable, the log-domain iteration reaches POT's fixed point
-    for reg_m in [(float("inf"), 0.3), (0.3, 0.3)]:
-        want = ot.unbalanced.sinkhorn_unbalanced(a, b, C, reg=0.5, reg_m=reg_m, reg_type="entropy",
-                                                 numItermax=20000, stopThr=1e-13)
-        got = _uot_log(a, b, C, 0.5, reg_m, 20000, 1e-13, None)[0]
-        np.testing.assert_allclose(got, want, atol=1e-12)
+    eps, beta = _grids(pp.OTAlignmentSearcher(method="uot"), C)
+    for e in eps:
+        for b in beta:
+            P = solve_transport(C, "uot", e, b).coupling
+            assert np.all(np.isfinite(P))
+            np.testing.assert_allclose(P.sum(1), [0.5, 0.5], atol=1e-8)
+    with pytest.raises(pp.TransportError, match="epsilon"):
+        solve_transport(C, "uot", 1e-4, 0.1)
 
 
 # ------------------------------------------------------------------------------ contrast
