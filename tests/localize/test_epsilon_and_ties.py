@@ -15,7 +15,6 @@ import logging
 import math
 
 import numpy as np
-import ot
 import pytest
 
 import pyvene_plot as pp
