@@ -107,11 +107,14 @@ def run_variant(task: pp.tasks.Task, variant: str, signature: str, seed: int) ->
         handles, n_sites = loc.handles, loc.n_sites_evaluated()
         stage_of = dict(loc.handle_stage[-1])
         widths = {v: _width(task.model, h) for v, h in handles.items()}
+    # calibration scores of the handles in effect: what a default schedule may be chosen on
+    calib = {v: h.scores(task.calibration, task.model) for v, h in handles.items()}
     test = {v: h.scores(task.test, task.model) for v, h in handles.items()}
     return {
         "task": task.name, "seed": seed, "variant": variant, "signature": signature, "runtime_s": runtime,
         "n_sites_evaluated": n_sites,
         "variables": {v: {**{k: float(test[v][k]) for k in ("iia", "sensitive", "invariant", "balanced")},
+                          "calibration_balanced": float(calib[v]["balanced"]),
                           "width": widths[v], "handle_stage": int(stage_of[v]),
                           "sites": [s.label for s in handles[v].sites]} for v in task.variables},
     }
@@ -179,6 +182,13 @@ def run(tasks, seeds, variants, signatures, full_das, options, out: Path) -> dic
     return payload
 
 
+def _balanced(scores: dict) -> float:
+    """Mean of sensitive and invariant IIA (Full DAS rows from ``compare`` carry those two, not the mean)."""
+    if "balanced" in scores:
+        return scores["balanced"]
+    return 0.5 * (scores["sensitive"] + scores["invariant"])
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Mean over seeds per (task, variant, signature): balanced test IIA per variable, width, runtime."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -187,13 +197,14 @@ def summary(rows: list[dict]) -> list[dict]:
     out = []
     for (task, variant, sig), rs in sorted(groups.items()):
         variables = sorted(rs[0]["variables"])
-        score = "balanced" if variant != "full_das" else "iia"
         out.append({
             "task": task, "variant": variant, "signature": sig, "n_seeds": len(rs),
-            "mean_balanced": float(np.mean([np.mean([r["variables"][v].get(score, np.nan) for v in variables]) for r in rs])),
-            "per_variable": {v: float(np.mean([r["variables"][v].get(score, np.nan) for r in rs])) for v in variables},
-            "min_per_variable": {v: float(np.min([r["variables"][v].get(score, np.nan) for r in rs])) for v in variables},
+            "mean_balanced": float(np.mean([np.mean([_balanced(r["variables"][v]) for v in variables]) for r in rs])),
+            "per_variable": {v: float(np.mean([_balanced(r["variables"][v]) for r in rs])) for v in variables},
+            "min_per_variable": {v: float(np.min([_balanced(r["variables"][v]) for r in rs])) for v in variables},
             "width": {v: float(np.mean([r["variables"][v].get("width", np.nan) for r in rs])) for v in variables},
+            "calibration_balanced": float(np.mean([np.mean([r["variables"][v].get("calibration_balanced", np.nan)
+                                                            for v in variables]) for r in rs])),
             "runtime_s": float(np.mean([r["runtime_s"] for r in rs])),
             "n_sites_evaluated": float(np.mean([r["n_sites_evaluated"] for r in rs])),
         })
@@ -202,12 +213,14 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def markdown(summ: list[dict]) -> str:
     """One table: task, variant, signature, mean balanced test IIA (per variable), width, runtime."""
-    lines = ["| task | variant | signature | seeds | mean balanced test IIA | per variable (min over seeds) "
-             "| support width | runtime (s) | sites evaluated |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | variant | signature | seeds | mean balanced calibration | mean balanced test IIA "
+             "| per variable (min over seeds) | support width | runtime (s) | sites evaluated |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summ:
         per = ", ".join(f"{v} {x:.3f} ({s['min_per_variable'][v]:.3f})" for v, x in s["per_variable"].items())
         width = ", ".join(f"{w:.0f}" for w in s["width"].values() if w == w) or "-"
-        lines.append(f"| {s['task']} | {s['variant']} | {s['signature']} | {s['n_seeds']} | {s['mean_balanced']:.3f} "
+        cal = f"{s['calibration_balanced']:.3f}" if s["calibration_balanced"] == s["calibration_balanced"] else "-"
+        lines.append(f"| {s['task']} | {s['variant']} | {s['signature']} | {s['n_seeds']} | {cal} | {s['mean_balanced']:.3f} "
                      f"| {per} | {width} | {s['runtime_s']:.1f} | {s['n_sites_evaluated']:.0f} |")
     return "\n".join(lines)
 
