@@ -20,8 +20,6 @@ from .errors import PlotError
 
 logger = logging.getLogger(__name__)
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -89,7 +87,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are ordinary readable files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
